@@ -1,0 +1,142 @@
+"""Eq. 2/3: the definition against a brute-force loop, and the fast capture against eager attention."""
+
+import random
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_model
+
+import attention
+from attention import capture, enable_capture, stepwise_attention, stepwise_from_attentions
+
+
+def brute_force(probs, steps, words):
+    H = probs.shape[0]
+    out = [[0.0] * len(words) for _ in steps]
+    for s, rows in enumerate(steps):
+        for w, cols in enumerate(words):
+            for h in range(H):
+                for i in rows:
+                    for j in cols:
+                        out[s][w] += probs[h, i, j].item() / H
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_stepwise_attention_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 12, 12, generator=g, dtype=torch.float64).softmax(-1)
+    steps, words = [[0, 1, 2, 3], [4, 5, 6], [8, 9, 10, 11]], [[1], [2, 3], [6], [10, 11]]
+    torch.testing.assert_close(stepwise_attention(probs, steps, words), brute_force(probs, steps, words))
+    # a [N, N] matrix is one head
+    torch.testing.assert_close(stepwise_attention(probs[0], steps, words), brute_force(probs[:1], steps, words))
+
+
+def test_stepwise_attention_hand_example():
+    P = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    A = stepwise_attention(P, steps=[[0], [1, 2]], words=[[0], [1, 2]])
+    torch.testing.assert_close(A, torch.tensor([[1.0, 0.0], [0.7, 1.3]]))
+    assert stepwise_attention(P, [], [[0]]).shape == (0, 1)
+
+
+def test_logsumexp_blocks_and_gradient(monkeypatch):
+    monkeypatch.setattr(attention, "_CHUNK", 2 * 3 * 7 * 2)  # force blocks of 2 rows
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(2, 1, 7, 7, dtype=torch.float64)
+    mask[:, :, torch.triu_indices(7, 7, 1)[0], torch.triu_indices(7, 7, 1)[1]] = torch.finfo(torch.float64).min
+    lse = attention._LogSumExp.apply(q, k, mask, 0.5)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) * 0.5 + mask, -1))
+    assert torch.autograd.gradcheck(lambda a, b: attention._LogSumExp.apply(a, b, mask, 0.5), (q, k))
+
+
+def make_batch(lengths, pad_side, vocab, seed):
+    """Token ids, attention mask and random step/word groups (positions in the padded rows)."""
+    rnd = random.Random(seed)
+    N = max(lengths)
+    ids = torch.zeros(len(lengths), N, dtype=torch.long)
+    mask = torch.zeros(len(lengths), N, dtype=torch.long)
+    groups = []
+    for b, n in enumerate(lengths):
+        start = N - n if pad_side == "left" else 0
+        ids[b, start:start + n] = torch.tensor([rnd.randrange(vocab) for _ in range(n)])
+        mask[b, start:start + n] = 1
+        cuts = sorted(rnd.sample(range(2, n - 1), 2))  # three steps; token 0 (like <bos>) in none
+        steps = [list(range(start + a, start + z)) for a, z in zip([1] + cuts, cuts + [n], strict=True)]
+        pos = sorted(rnd.sample(range(n), 5))
+        words = [[start + pos[0]], [start + pos[1], start + pos[2]], [start + pos[3]], [start + pos[4]]]
+        groups.append((steps, words[: 2 + b]))  # examples differ in W
+    return ids, mask, groups
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_equals_eager(arch, pad_side):
+    model = tiny_model(arch, attn="eager")
+    ids, mask, groups = make_batch([14, 9, 12], pad_side, 512, seed=hash(arch) % 100)
+    weights = [torch.randn(3, len(w), generator=torch.Generator().manual_seed(b)) for b, (_, w) in enumerate(groups)]
+
+    def grads(A_list):
+        model.zero_grad()
+        sum((A * w).sum() for A, w in zip(A_list, weights, strict=True)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out = model(ids, attention_mask=mask, output_attentions=True)
+    eager = stepwise_from_attentions(out.attentions, groups)
+    eager_grads = grads(eager)
+
+    enable_capture(model)
+    with capture(model, groups) as cap:
+        fast_logits = model(ids, attention_mask=mask).logits
+    fast = cap.stepwise()
+    assert len(fast) == 3
+    for A_e, A_f, (steps, words) in zip(eager, fast, groups, strict=True):
+        assert A_f.shape == (model.config.num_hidden_layers, len(steps), len(words))
+        torch.testing.assert_close(A_f, A_e, atol=1e-5, rtol=0)
+    fast_grads = grads(fast)
+    assert fast_grads.keys() == eager_grads.keys() and len(fast_grads) > 0
+    for name in eager_grads:
+        torch.testing.assert_close(fast_grads[name], eager_grads[name], atol=1e-4, rtol=0, msg=name)
+
+    # the layer output is untouched: same logits as plain SDPA on every real token
+    model.set_attn_implementation("sdpa")
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(fast_logits.detach()[real], model(ids, attention_mask=mask).logits[real],
+                                   atol=1e-5, rtol=0)
+
+
+def test_teacher_pass_no_grad_logits_to_keep():
+    model = enable_capture(tiny_model("gemma3", attn="eager"))
+    ids, mask, groups = make_batch([13, 10], "left", 512, seed=3)
+    with torch.no_grad(), capture(model, groups) as cap:
+        out = model(ids, attention_mask=mask, logits_to_keep=1)
+    assert out.logits.shape[1] == 1
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = stepwise_from_attentions(model(ids, attention_mask=mask, output_attentions=True).attentions, groups)
+    for A_f, A_e in zip(cap.stepwise(), ref, strict=True):
+        assert not A_f.requires_grad
+        torch.testing.assert_close(A_f, A_e, atol=1e-5, rtol=0)
+
+
+def test_value_states_are_the_value_projection():
+    model = enable_capture(tiny_model("llama"))
+    ids, mask, groups = make_batch([11, 8], "right", 512, seed=5)
+    seen = {}
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
+             for k, layer in enumerate(model.model.layers)]
+    with capture(model, groups, values=True) as cap:
+        model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    V = cap.value_states()  # [B, L, N, d]
+    assert V.shape == (2, 3, 11, 2 * 8)
+    torch.testing.assert_close(V, torch.stack([seen[k] for k in range(3)], 1))
+
+
+def test_capture_requires_the_registered_attention():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="enable_capture"):
+        with capture(model, [([[0]], [[0]])]):
+            pass
