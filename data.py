@@ -1,0 +1,380 @@
+"""Datasets, teacher rationales and the teacher attention cache (SPEC §1, §2, §7).
+
+- `resolve_data_dir(path)`: the data directory (`--data-dir`, else env `MOLSAKI_DATA`).
+- `load_dataset(name, split, data_dir)`: records `{id, question, answer, choices?}` (names: `SPLITS`).
+- `load_palm_rationales(name, split, data_dir)`: `{id, rationale, teacher_answer, phase}` from the PaLM-540B
+  CoT of Distilling Step-by-Step (DSS), svamp or csqa, kept where PaLM's answer equals gold.
+- `safe_eval(expr)`: the value of an arithmetic expression (numbers, + - * /, parentheses, unary minus).
+- `format_number(x)`: a gold number as text ("42", "0.5", "0.666667": at most 6 decimals).
+- `teacher_rationales(model, tok, records, path)`: dual-phase few-shot CoT (SPEC §7), resumable JSONL.
+- `keyword_prompt(question, rationale)`, `parse_keywords(output)`: the CSQA critical words (App. B.2).
+- `build_attention_cache(model, tok, examples, meta)`: `A_t [L1, S, W]` per example, from one no-grad
+  teacher pass through `attention.capture`; `load_attention_cache(path, meta)` refuses a mismatched cache.
+
+Choices the spec leaves open:
+- svamp: the DSS 800/200 split; question = DSS's `input` verbatim; gold = its equation, evaluated.
+- asdiv: ASDiv-A (the 1218 ids of nfolds/asdiv-a) in ASDiv.xml order, all as split "test" (no official
+  split). Question = Body + " " + Question; answer = the number before the unit ("9 (apples)" -> "9").
+  All ASDiv-A answers have that form (times, ordinals, yes/no occur in ASDiv-W only); any other raises
+  ValueError. Remainder problems keep ASDiv's rounded answer ("200/28=7 r4" -> "8").
+- csqa: the official v1.11 files (split "test" = dev), their order and ids. Ids elsewhere: "svamp-train-0",
+  "gsm8k-test-0", "singleeq-<iIndex>", ASDiv's "nluds-0001".
+- PaLM: the text before the first "Q:"; the answer is the rest of the line after the last "The answer is"
+  (svamp) or "So the answer is" (csqa). svamp evaluates that whole expression ("(16 * 17) * 4" -> 1088,
+  where DSS's regex reads "(16 * 17)"); csqa keeps an item when the answer names exactly one letter, the
+  gold one ("(a) ocean or (b) sea" is dropped). The final sentence is rewritten from gold ("The answer is
+  42.", "So the answer is (c) wooded area."); PaLM's other words and line breaks stay. phase = 0.
+"""
+
+import ast
+import hashlib
+import json
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import attention
+import eval as eval_
+import models
+import spans
+
+PRE_PROMPT = "Question: {question}\nAnswer:"
+EXP_PROMPT = "Question: {question}\nRationale:"
+SPLITS = {"svamp": ("train", "test"), "gsm8k": ("train", "test"), "asdiv": ("test",),
+          "singleeq": ("test",), "csqa": ("train", "test")}
+LETTERS = "abcde"
+_PALM_FILES = {("svamp", "train"): 2, ("svamp", "test"): 1, ("csqa", "train"): 10, ("csqa", "test"): 2}
+_OPS = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__, ast.Div: float.__truediv__}
+
+
+def resolve_data_dir(path: str | Path | None) -> Path:
+    """The data directory: `path` (the --data-dir flag), else env MOLSAKI_DATA; it must exist."""
+    path = path or os.environ.get("MOLSAKI_DATA")
+    if not path or not Path(path).is_dir():
+        raise FileNotFoundError(f"data directory {path or '(none given)'} not found: pass --data-dir or set "
+                                "MOLSAKI_DATA")
+    return Path(path)
+
+
+def safe_eval(expr: str) -> float:
+    """Value of `expr` built from numbers, + - * /, parentheses and unary minus; walks the AST, never eval."""
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        raise ValueError(f"not allowed in an arithmetic expression: {ast.dump(node)[:60]}")
+
+    try:
+        return walk(ast.parse(expr.strip(), mode="eval").body)
+    except (SyntaxError, ZeroDivisionError, OverflowError) as e:
+        raise ValueError(f"cannot evaluate {expr!r}: {e}") from None
+
+
+def format_number(x: float) -> str:
+    """`x` as gold-answer text: integral -> "42", else at most 6 decimals, trailing zeros stripped."""
+    if not math.isfinite(x):
+        raise ValueError(f"not a finite number: {x}")
+    x = round(float(x), 6)
+    if x == int(x):
+        return str(int(x))
+    return f"{x:.6f}".rstrip("0").rstrip(".")
+
+
+def _text(value) -> str:  # non-empty text, stripped
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected non-empty text, got {value!r}")
+    return value.strip()
+
+
+def _jsonl(path: Path) -> list[tuple[str, dict]]:  # (location, object) of each non-blank line
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}, line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _json_array(path: Path) -> list[tuple[str, object]]:  # (location, item) of each item
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array")
+    return [(f"{path}, item {i}", x) for i, x in enumerate(data)]
+
+
+def _convert(rows, make) -> list:  # make(i, row) per row; a bad field -> ValueError naming where
+    out = []
+    for i, (where, row) in enumerate(rows):
+        try:
+            out.append(make(i, row))
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: malformed record ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _svamp(root: Path, split: str) -> list[dict]:
+    rows = _jsonl(root / "svamp" / "distilling_step_by_step" / f"svamp_{split}.json")
+    return _convert(rows, lambda i, r: {"id": f"svamp-{split}-{i}", "question": _text(r["input"]),
+                                        "answer": format_number(safe_eval(r["label"]))})
+
+
+def _gsm8k(root: Path, split: str) -> list[dict]:
+    def make(i, r):
+        _, sep, number = r["answer"].rpartition("####")
+        if not sep:
+            raise ValueError("no '####' before the final answer")
+        return {"id": f"gsm8k-{split}-{i}", "question": _text(r["question"]),
+                "answer": format_number(float(number.strip().replace(",", "")))}
+
+    return _convert(_jsonl(root / "gsm8k" / f"{split}.jsonl"), make)
+
+
+def _asdiv(root: Path, split: str) -> list[dict]:
+    folds = sorted((root / "asdiv" / "nfolds" / "asdiv-a").glob("fold*.txt"))
+    ids = {line.strip() for f in folds for line in f.read_text(encoding="utf-8").splitlines() if line.strip()}
+    xml = root / "asdiv" / "ASDiv.xml"
+    problems = [p for p in ET.parse(xml).getroot().iter("Problem") if p.get("ID") in ids]
+    if not ids or len(problems) != len(ids):
+        raise ValueError(f"{xml}: {len(problems)} problems found for {len(ids)} ASDiv-A ids")
+
+    def make(i, p):
+        m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(?:\(.*\))?\s*", p.findtext("Answer") or "")
+        if not m:
+            raise ValueError(f"answer {p.findtext('Answer')!r} is not a number with an optional unit")
+        question = _text(p.findtext("Body")) + " " + _text(p.findtext("Question"))
+        return {"id": p.get("ID"), "question": question, "answer": format_number(float(m.group(1)))}
+
+    return _convert([(f"{xml}, problem {p.get('ID')}", p) for p in problems], make)
+
+
+def _singleeq(root: Path, split: str) -> list[dict]:
+    rows = _json_array(root / "singleeq" / "questions.json")
+    return _convert(rows, lambda i, r: {"id": f"singleeq-{r['iIndex']}", "question": _text(r["sQuestion"]),
+                                        "answer": format_number(float(r["lSolutions"][0]))})
+
+
+def _csqa(root: Path, split: str) -> list[dict]:
+    def make(i, r):
+        choices = r["question"]["choices"]
+        if [c["label"] for c in choices] != list(LETTERS.upper()) or r["answerKey"] not in LETTERS.upper():
+            raise ValueError(f"expected choices A-E and an answerKey among them, got {r['answerKey']!r}")
+        texts = [_text(c["text"]) for c in choices]
+        listed = " ".join(f"({a}) {t}" for a, t in zip(LETTERS, texts, strict=True))
+        k = LETTERS.upper().index(r["answerKey"])
+        return {"id": _text(r["id"]), "question": f"{_text(r['question']['stem'])}\nAnswer Choices: {listed}",
+                "answer": f"({LETTERS[k]}) {texts[k]}", "choices": texts}
+
+    name = {"train": "train_rand_split", "test": "dev_rand_split"}[split]
+    return _convert(_jsonl(root / "commonsenseqa" / "official" / f"{name}.jsonl"), make)
+
+
+_LOADERS = {"svamp": _svamp, "gsm8k": _gsm8k, "asdiv": _asdiv, "singleeq": _singleeq, "csqa": _csqa}
+
+
+def load_dataset(name: str, split: str, data_dir: str | Path | None) -> list[dict]:
+    """Records `{id, question, answer, choices (csqa only)}` of one split, in the source's order."""
+    if split not in SPLITS.get(name, ()):
+        valid = ", ".join(f"{n}/{s}" for n, splits in SPLITS.items() for s in splits)
+        raise ValueError(f"unknown dataset/split {name!r}/{split!r}; valid: {valid}")
+    return _LOADERS[name](resolve_data_dir(data_dir), split)
+
+
+def load_palm_rationales(name: str, split: str, data_dir: str | Path | None) -> list[dict]:
+    """PaLM-540B CoT of DSS for svamp or csqa: `{id, rationale, teacher_answer, phase: 0}` for the items
+    whose PaLM answer equals gold, in `load_dataset(name, split)` order."""
+    if (name, split) not in _PALM_FILES:
+        raise ValueError(f"no PaLM rationales for {name!r}/{split!r}; valid: svamp or csqa, train or test")
+    root = resolve_data_dir(data_dir)
+    records = load_dataset(name, split, root)
+    folder = root / ("svamp" if name == "svamp" else "commonsenseqa") / "distilling_step_by_step"
+    files = [folder / "llm" / f"{split}_CoT_{i}.json" for i in range(_PALM_FILES[name, split])]
+    outputs = [row for path in files for row in _json_array(path)]
+    ids = [r["id"] for r in records]  # svamp: PaLM follows the file order; csqa: DSS's, not the official one
+    if name == "csqa":
+        ids = [x["id"] for _, x in _jsonl(folder / f"cqa_{split}.json")]
+    if len(ids) != len(outputs) or set(ids) != {r["id"] for r in records}:
+        raise ValueError(f"{folder}: {len(outputs)} PaLM outputs do not match the {len(records)} records")
+    by_id = dict(zip(ids, outputs, strict=True))
+    marker = "The answer is" if name == "svamp" else "So the answer is"
+    kept = []
+    for r in records:
+        where, output = by_id[r["id"]]
+        if not isinstance(output, str):
+            raise ValueError(f"{where}: expected a string")
+        reasoning, found, answer = output.split("Q:")[0].rpartition(marker)
+        answer = answer.strip().split("\n")[0].strip() if found else ""  # the rest of the answer's line
+        if name == "svamp":
+            try:
+                value = safe_eval(answer.removesuffix("."))
+            except ValueError:
+                continue
+            if abs(value - float(r["answer"])) >= 1e-4:
+                continue
+            teacher = format_number(value)
+        elif re.findall(r"\(([a-e])\)", answer) == [r["answer"][1]]:
+            teacher = r["answer"]
+        else:
+            continue
+        rationale = f"{reasoning.rstrip()} {marker} {r['answer']}.".lstrip()
+        kept.append({"id": r["id"], "rationale": rationale, "teacher_answer": teacher, "phase": 0})
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher rationales (SPEC §7): dual-phase few-shot CoT, greedy, kept where the answer equals gold.
+
+MATH_SHOTS = [  # our own few-shot examples: (question, rationale, answer)
+    ("Tom has 3 boxes with 12 pencils in each box. He gives away 9 pencils. How many pencils does he have left?",
+     "Tom has 3 * 12 = 36 pencils. After giving away 9 he has 36 - 9 = 27 pencils. The answer is 27.", "27"),
+    ("A baker made 45 muffins and sold them in bags of 5. Each bag costs $2. How much money did she make?",
+     "She filled 45 / 5 = 9 bags. The bags earned 9 * 2 = 18 dollars. The answer is 18.", "18"),
+    ("Mia read 14 pages on Monday and twice as many on Tuesday. How many pages did she read in total?",
+     "On Tuesday she read 2 * 14 = 28 pages. In total she read 14 + 28 = 42 pages. The answer is 42.", "42"),
+    ("A rope is 7.5 meters long. Sam cuts off 2.25 meters. How long is the rope now?",
+     "The rope is now 7.5 - 2.25 = 5.25 meters long. The answer is 5.25.", "5.25"),
+]
+CSQA_SHOTS = [  # (question with choices, rationale, answer, keywords)
+    ("Where would you put a plate after washing it?\nAnswer Choices: (a) restaurant (b) cupboard (c) table "
+     "(d) dishwasher (e) flea market",
+     "A clean plate is stored until it is needed again. Plates are stored in a cupboard. "
+     "So the answer is (b) cupboard.", "(b) cupboard", ["clean plate", "stored", "cupboard"]),
+    ("What do people feel after running a marathon?\nAnswer Choices: (a) energetic (b) tired (c) bored "
+     "(d) hungry for more (e) cold",
+     "Running a marathon takes hours of effort. Long effort uses up energy and makes people tired. "
+     "So the answer is (b) tired.", "(b) tired", ["marathon", "effort", "energy", "tired"]),
+    ("If you want to learn about the past, what can you read?\nAnswer Choices: (a) newspaper (b) menu "
+     "(c) history book (d) recipe (e) map",
+     "The past is the subject of history. A history book describes what happened in the past. "
+     "So the answer is (c) history book.", "(c) history book", ["past", "history", "history book"]),
+]
+
+
+def task_of(record: dict) -> str:
+    return "csqa" if record.get("choices") else "math"
+
+
+def cot_prompt(record: dict, with_gold: bool) -> str:
+    """Few-shot prompt; phase 2 (`with_gold`) also shows the gold answer before the rationale."""
+    shots = MATH_SHOTS if task_of(record) == "math" else [s[:3] for s in CSQA_SHOTS]
+    gold = "Answer: {a}\n" if with_gold else ""
+    parts = [f"Question: {q}\n{gold.format(a=a)}Rationale: {r}\n\n" for q, r, a in shots]
+    return "".join(parts) + f"Question: {record['question']}\n{gold.format(a=record['answer'])}Rationale:"
+
+
+def cut_rationale(output: str, record: dict) -> tuple[str, object]:
+    """The rationale up to its "answer is" sentence, and the answer it states (None when there is none)."""
+    text = output.split("\nQuestion:")[0].split("\n\n")[0].strip()
+    found = re.search(r"^.*answer is[^\n]*?(\.(?=\s|$)|$)", text, re.IGNORECASE | re.DOTALL)
+    if found is None:
+        return text, None
+    text = found.group(0).strip()
+    if task_of(record) == "csqa":
+        return text, eval_.parse_choice(text, record["choices"], "cot")
+    return text, eval_.parse_math(text, "cot")
+
+
+def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: int = 8,
+                       max_new_tokens: int = 128, chunk: int = 64) -> list[dict]:
+    """Dual-phase CoT (SPEC §7) with every attempt appended to the JSONL `path` as it is made, so that a
+    re-run continues where it stopped. Returns `{id, rationale, teacher_answer, phase}` of correct items."""
+    path = Path(path)
+    attempts = {}  # id -> {phase: attempt}
+    if path.exists():
+        for _, row in _jsonl(path):
+            attempts.setdefault(row["id"], {})[row["phase"]] = row
+    for phase in (1, 2):
+        todo = [r for r in records if phase not in attempts.get(r["id"], {})
+                and not any(a["correct"] for a in attempts.get(r["id"], {}).values())]
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            prompts = [cot_prompt(r, with_gold=phase == 2) for r in part]
+            outputs = models.generate(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                      desc=f"rationales phase {phase} [{start}/{len(todo)}]")
+            with open(path, "a") as f:
+                for r, output in zip(part, outputs, strict=True):
+                    rationale, answer = cut_rationale(output, r)
+                    row = {"id": r["id"], "rationale": rationale, "teacher_answer": answer, "phase": phase,
+                           "correct": eval_.is_correct(answer, r["answer"], task_of(r))}
+                    attempts.setdefault(r["id"], {})[phase] = row
+                    f.write(json.dumps(row) + "\n")
+    kept = [next(a for a in attempts[r["id"]].values() if a["correct"]) for r in records
+            if any(a["correct"] for a in attempts.get(r["id"], {}).values())]
+    return [{k: a[k] for k in ("id", "rationale", "teacher_answer", "phase")} for a in kept]
+
+
+def keyword_prompt(question: str, rationale: str) -> str:
+    """CSQA: ask the teacher for the 3-8 keywords crucial to its reasoning (paper App. B.2)."""
+    parts = [f"Question: {q}\nRationale: {r}\nKeywords: {', '.join(k)}\n\n" for q, r, _, k in CSQA_SHOTS]
+    return "".join(parts) + f"Question: {question}\nRationale: {rationale}\nKeywords:"
+
+
+def parse_keywords(output: str) -> list[str]:
+    """Unique comma-separated keywords of the first output line, at most 8."""
+    words = [w.strip(" .") for w in output.strip().split("\n")[0].split(",")]
+    return list(dict.fromkeys(w for w in words if w))[:8]
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher attention cache: one no-grad pass of the teacher over every training text (SPEC §1, §4).
+
+
+def texts_hash(examples: list[dict]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e["id"], e["question"], e["rationale"], e.get("keywords")]).encode())
+    return h.hexdigest()
+
+
+def build_attention_cache(model, tokenizer, examples: list[dict], meta: dict, max_length: int = 512,
+                          batch_size: int = 8) -> dict:
+    """`A_t [L1, S, W]` (float32) with the step and word ids it covers, per example id. Batches are grouped
+    by length and right-padded; the teacher runs under no_grad with `logits_to_keep=1`."""
+    encoded = []
+    for e in examples:
+        text, steps, words = spans.example_spans(e["question"], e["rationale"], EXP_PROMPT,
+                                                 e.get("keywords"), meta["delimiters"])
+        ids, step_tokens, word_tokens = spans.encode(tokenizer, text, steps, words, max_length)
+        encoded.append((e["id"], ids, step_tokens, word_tokens))
+    encoded.sort(key=lambda x: len(x[1]))
+    items = {}
+    pad = tokenizer.pad_token_id
+    for start in tqdm(range(0, len(encoded), batch_size), desc="teacher attention", unit="batch"):
+        batch = encoded[start:start + batch_size]
+        N = max(len(ids) for _, ids, _, _ in batch)
+        input_ids = torch.tensor([ids + [pad] * (N - len(ids)) for _, ids, _, _ in batch], device=model.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (N - len(ids)) for _, ids, _, _ in batch], device=model.device)
+        groups = [([st[k] for k in sorted(st)], [wt[k] for k in sorted(wt)]) for _, _, st, wt in batch]
+        with torch.no_grad(), attention.capture(model, groups) as cap:
+            model(input_ids, attention_mask=mask, logits_to_keep=1)
+        for (id_, _, st, wt), A in zip(batch, cap.stepwise(), strict=True):
+            items[id_] = {"A": A.float().cpu(), "step_ids": sorted(st), "word_ids": sorted(wt)}
+    return {"meta": meta, "items": items}
+
+
+def load_attention_cache(path, meta: dict) -> dict:
+    """The cache at `path`; a cache built for another run (teacher, prompt, texts, ...) is an error."""
+    cache = torch.load(path, weights_only=False)
+    diff = sorted(k for k in set(meta) | set(cache["meta"]) if meta.get(k) != cache["meta"].get(k))
+    if diff:
+        raise ValueError(f"{path} was built for another run (differs in: {', '.join(diff)}); "
+                         "delete it or choose another --out")
+    return cache
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = Path(f"{path}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,164 @@
+"""Evaluation (SPEC §8): greedy answers of the student on test sets, parsed and scored (paper Table 1).
+
+No paper equation lives here. Two modes:
+    answer  the answer task (`data.PRE_PROMPT`), greedy, up to 16 new tokens (as DSS and the paper score);
+    cot     the rationale task (`data.EXP_PROMPT`), greedy, up to 128 new tokens, answer read from it.
+
+Public functions:
+    parse_math(text, mode) -> float | None    thousands commas removed; answer mode: the first number;
+                                              cot mode: the number after the last "answer is", else the last.
+    parse_choice(text, choices, mode) -> str | None   the first "(x)" letter a-e, else the letter of the
+                                              choice text found first in the output (cot mode: both looked
+                                              for after the last "answer is" when there is one).
+    is_correct(pred, gold, task) -> bool      math: |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
+    evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens) -> (accuracy, items)
+    run(checkpoint, sets, data_dir, mode, batch_size, limit, out) -> {set: accuracy}   (accuracy in [0, 1])
+    main(argv)                                the command line.
+
+A record is {id, question, answer, choices?}; a record with `choices` (the choice texts, in the order
+a, b, c, ...) is scored as CSQA, any other as math. `builtin` names the built-in word problems
+`problems.make_problems(200, seed=1)`. Only the answer's new tokens are read, never the prompt.
+"""
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+import data
+from models import generate, load_model
+
+NEW_TOKENS = {"answer": 16, "cot": 128}
+NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:\.\d+)?|\.\d+)")  # "5-3" is 5 and 3; "x = -3" is -3
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
+LETTER = re.compile(r"\(([a-eA-E])\)")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in NEW_TOKENS:
+        raise ValueError(f"mode must be one of {sorted(NEW_TOKENS)}, got {mode!r}")
+
+
+def _after_last_answer_is(text: str) -> str | None:
+    hits = list(ANSWER_IS.finditer(text))
+    return text[hits[-1].end():] if hits else None
+
+
+def parse_math(text: str, mode: str = "answer") -> float | None:
+    """The number a model's output answers with, or None when it has none."""
+    _check_mode(mode)
+    text = THOUSANDS.sub("", text)
+    if mode == "answer":
+        found = NUMBER.search(text)
+        return float(found.group()) if found else None
+    tail = _after_last_answer_is(text)
+    found = NUMBER.search(tail) if tail is not None else None
+    if found is None:
+        numbers = NUMBER.findall(text)
+        return float(numbers[-1]) if numbers else None
+    return float(found.group())
+
+
+def parse_choice(text: str, choices: list[str], mode: str = "answer") -> str | None:
+    """The letter ("a".."e") a model's output picks, or None."""
+    _check_mode(mode)
+    tail = _after_last_answer_is(text) if mode == "cot" else None
+    for part in ([tail] if tail is not None else []) + [text]:
+        found = LETTER.search(part)
+        if found:
+            return found.group(1).lower()
+        lowered = part.lower()
+        # earliest occurrence wins; at one position the longer text ("body of water" over "water")
+        hits = [(lowered.find(c.lower()), -len(c), k) for k, c in enumerate(choices) if c and c.lower() in lowered]
+        if hits:
+            return "abcde"[min(hits)[2]]
+    return None
+
+
+def is_correct(pred, gold: str, task: str) -> bool:
+    """Whether a parsed prediction matches the gold answer string."""
+    if task == "math":
+        return pred is not None and abs(pred - float(gold.replace(",", ""))) < 1e-4
+    if task == "csqa":
+        found = LETTER.search(gold)
+        if found is None:
+            raise ValueError(f"CSQA gold answer has no (x) letter: {gold!r}")
+        return pred == found.group(1).lower()
+    raise ValueError(f"task must be 'math' or 'csqa', got {task!r}")
+
+
+def evaluate(model, tokenizer, records: list[dict], mode: str = "answer", batch_size: int = 16,
+             max_new_tokens: int | None = None) -> tuple[float, list[dict]]:
+    """Greedy outputs for `records`, scored; returns (accuracy in [0, 1], per-item dicts)."""
+    _check_mode(mode)
+    if not records:
+        raise ValueError("evaluate needs at least one record")
+    template = data.PRE_PROMPT if mode == "answer" else data.EXP_PROMPT
+    prompts = [template.format(question=r["question"]) for r in records]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
+    with autocast:
+        outputs = generate(model, tokenizer, prompts, max_new_tokens or NEW_TOKENS[mode], batch_size,
+                           desc=f"eval {mode}")
+    items = []
+    for record, prompt, output in zip(records, prompts, outputs, strict=True):
+        choices = record.get("choices")
+        task = "csqa" if choices else "math"
+        parsed = parse_choice(output, choices, mode) if choices else parse_math(output, mode)
+        items.append({"id": record["id"], "prompt": prompt, "output": output, "parsed": parsed,
+                      "gold": record["answer"], "correct": is_correct(parsed, record["answer"], task)})
+    return sum(item["correct"] for item in items) / len(items), items
+
+
+def load_set(name: str, data_dir) -> list[dict]:
+    """Test records of one set name (`builtin` = the built-in word problems)."""
+    if name == "builtin":
+        import problems
+
+        return problems.make_problems(200, seed=1)
+    return data.load_dataset(name, "test", data_dir)
+
+
+def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_size: int = 16,
+        limit: int | None = None, out=None) -> dict[str, float]:
+    """Evaluate the checkpoint on each set; print a markdown table; write eval_<mode>.json and JSONL."""
+    _check_mode(mode)
+    out = Path(out if out is not None else checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    if data_dir is None:
+        data_dir = os.environ.get("MOLSAKI_DATA", Path(__file__).resolve().parent.parent / "shared" / "data")
+    model, tokenizer = load_model(str(checkpoint))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    accuracies, rows = {}, ["| set | n | accuracy % |", "|---|---|---|"]
+    for name in sets:
+        records = load_set(name, data_dir)[:limit]
+        accuracy, items = evaluate(model, tokenizer, records, mode, batch_size)
+        with open(out / f"eval_{name}_{mode}.jsonl", "w") as f:
+            f.writelines(json.dumps(item) + "\n" for item in items)
+        accuracies[name] = accuracy
+        rows.append(f"| {name} | {len(items)} | {100 * accuracy:.2f} |")
+    (out / f"eval_{mode}.json").write_text(json.dumps(accuracies, indent=2) + "\n")
+    print("\n".join(rows))
+    return accuracies
+
+
+def main(argv=None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description="Accuracy of a student checkpoint on test sets (SPEC §8).")
+    parser.add_argument("--checkpoint", required=True, help="save_pretrained folder (model + tokenizer)")
+    parser.add_argument("--sets", default="svamp,singleeq,asdiv,gsm8k",
+                        help="comma-separated: svamp, singleeq, asdiv, gsm8k, csqa, builtin")
+    parser.add_argument("--data-dir", default=None, help="default: $MOLSAKI_DATA or <repo>/../shared/data")
+    parser.add_argument("--mode", choices=sorted(NEW_TOKENS), default="answer")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None, help="first N items of each set")
+    parser.add_argument("--out", default=None, help="default: the checkpoint folder")
+    args = parser.parse_args(argv)
+    sets = [s for s in args.sets.split(",") if s]
+    return run(args.checkpoint, sets, args.data_dir, args.mode, args.batch_size, args.limit, args.out)
+
+
+if __name__ == "__main__":
+    main()

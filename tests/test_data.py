@@ -1,0 +1,249 @@
+"""Tests for data.py: loaders against counts and hand-read items of the real files, PaLM filtering against
+DSS's own parse, safe_eval and format_number against hand-computed values, and the error messages."""
+
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import (
+    EXP_PROMPT,
+    PRE_PROMPT,
+    format_number,
+    load_dataset,
+    load_palm_rationales,
+    resolve_data_dir,
+    safe_eval,
+)
+
+DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
+_CACHE = {}
+
+
+def load(name, split):
+    if (name, split) not in _CACHE:
+        _CACHE[name, split] = load_dataset(name, split, DATA)
+    return _CACHE[name, split]
+
+
+def test_prompts():
+    assert PRE_PROMPT.format(question="q") == "Question: q\nAnswer:"
+    assert EXP_PROMPT.format(question="q") == "Question: q\nRationale:"
+
+
+def test_safe_eval_accepts_arithmetic():
+    assert safe_eval("( 84.0 / 2.0 )") == 42.0
+    assert safe_eval("-3+2*4") == 5.0
+    assert safe_eval("(16 * 17) * 4") == 1088.0
+    assert safe_eval("10 - (6 + -3)") == 7.0
+
+
+@pytest.mark.parametrize("expr", ["__import__('os')", "2**8", "x", "some - 8", "7x = 14", "1,2", "3 % 2",
+                                  "+3", "True", "1/0", "", "(1 + 2"])
+def test_safe_eval_rejects(expr):
+    with pytest.raises(ValueError):
+        safe_eval(expr)
+
+
+@pytest.mark.parametrize("x, text", [(42.0, "42"), (0.5, "0.5"), (1200, "1200"), (2 / 3, "0.666667"),
+                                     (7.050000000000001, "7.05"), (-0.0, "0"), (-2.25, "-2.25"), (1e-7, "0")])
+def test_format_number(x, text):
+    assert format_number(x) == text
+
+
+def test_format_number_rejects_nan():
+    with pytest.raises(ValueError):
+        format_number(float("nan"))
+
+
+def test_missing_data_dir_message(tmp_path, monkeypatch):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="--data-dir") as err:
+        resolve_data_dir(missing)
+    assert "MOLSAKI_DATA" in str(err.value) and str(missing) in str(err.value)
+    monkeypatch.delenv("MOLSAKI_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match="MOLSAKI_DATA"):
+        resolve_data_dir(None)
+    monkeypatch.setenv("MOLSAKI_DATA", str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path
+
+
+def test_unknown_dataset_or_split(tmp_path):
+    with pytest.raises(ValueError, match="svamp/train"):
+        load_dataset("mnist", "train", tmp_path)
+    with pytest.raises(ValueError, match="asdiv/test"):
+        load_dataset("asdiv", "train", tmp_path)
+    with pytest.raises(ValueError, match="svamp or csqa"):
+        load_palm_rationales("gsm8k", "train", tmp_path)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    path = tmp_path / "gsm8k" / "train.jsonl"
+    good = json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"})
+    path.write_text(good + "\n" + '{"question": "broken' + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 2"):
+        load_dataset("gsm8k", "train", tmp_path)
+    path.write_text(good + "\n\n" + json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 3: malformed record.*####"):
+        load_dataset("gsm8k", "train", tmp_path)
+    path.write_text(json.dumps({"answer": "#### 2"}) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 1: malformed record.*question"):
+        load_dataset("gsm8k", "train", tmp_path)
+    path.write_text(good + "\n" + json.dumps({"question": "q", "answer": "#### 1,250"}) + "\n")
+    assert [r["answer"] for r in load_dataset("gsm8k", "train", tmp_path)] == ["2", "1250"]
+
+
+@needs_data
+@pytest.mark.parametrize("name, split, count", [("svamp", "train", 800), ("svamp", "test", 200),
+                                                ("gsm8k", "train", 7473), ("gsm8k", "test", 1319),
+                                                ("asdiv", "test", 1218), ("singleeq", "test", 508),
+                                                ("csqa", "train", 9741), ("csqa", "test", 1221)])
+def test_counts_and_record_format(name, split, count):
+    records = load(name, split)
+    assert len(records) == count
+    assert len({r["id"] for r in records}) == count
+    for r in records:
+        assert set(r) == ({"id", "question", "answer", "choices"} if name == "csqa" else {"id", "question", "answer"})
+        assert r["question"] == r["question"].strip() and r["question"]
+        if name != "csqa":
+            assert format_number(float(r["answer"])) == r["answer"]  # a clean number string
+
+
+@needs_data
+def test_svamp_matches_the_dss_split_rebuilt_from_svamp_json():
+    # the README's recipe: SVAMP.json order, RandomState(0).permutation(1000), train = first 800
+    items = json.loads((DATA / "svamp" / "SVAMP.json").read_text())
+    idx = np.random.RandomState(seed=0).permutation(len(items))
+    for split, part in (("train", idx[:800]), ("test", idx[800:])):
+        expected = [(f"{items[i]['Body']}\n{items[i]['Question']}".strip(), format_number(items[i]["Answer"]))
+                    for i in part]
+        got = [(r["question"], r["answer"]) for r in load("svamp", split)]
+        wrong = [i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]
+        # one SVAMP "Answer" is wrong: chal-680, "( ( 4.0 - 2.0 ) + 3.0 )" with Answer 1.0; gold is the equation
+        assert wrong == ([195] if split == "train" else [])
+        if wrong:
+            assert items[part[195]]["ID"] == "chal-680" and got[195][1] == "5" and expected[195][1] == "1"
+    assert load("svamp", "train")[0]["answer"] == "42"  # "( 84.0 / 2.0 )"
+
+
+@needs_data
+def test_gsm8k_hand_read_item():
+    janet = load("gsm8k", "test")[0]
+    assert janet["id"] == "gsm8k-test-0" and janet["question"].startswith("Janet’s ducks lay 16 eggs")
+    assert janet["answer"] == "18"
+
+
+@needs_data
+def test_asdiv_answers_against_hand_reads_and_formulas():
+    by_id = {r["id"]: r for r in load("asdiv", "test")}
+    assert by_id["nluds-0001"] == {"id": "nluds-0001", "answer": "9", "question": "Seven red apples and two green "
+                                   "apples are in the basket. How many apples are in the basket?"}
+    assert by_id["nluds-1008"]["answer"] == "14"  # "14  (seats)"
+    assert by_id["nluds-1039"]["answer"] == "47"  # "47", no unit
+    assert by_id["nluds-0575"]["answer"] == "3.333"  # "10/3=3.333"
+    assert by_id["nluds-0756"]["answer"] == "12"  # "757/65=11 r42": 12 bags, ASDiv's rounding kept
+    # independent: the number after the last "=" of each Formula, where it is one number (no "r" remainder)
+    checked = 0
+    for p in ET.parse(DATA / "asdiv" / "ASDiv.xml").getroot().iter("Problem"):
+        rhs = p.findtext("Formula").split("=")[-1].strip()
+        if p.get("ID") in by_id and re.fullmatch(r"\d+(\.\d+)?", rhs):
+            assert abs(float(by_id[p.get("ID")]["answer"]) - float(rhs)) < 1e-9, p.get("ID")
+            checked += 1
+    assert checked == 1218 - 28  # the 28 remainder problems ("200/28=7 r4") are the only ones left out
+
+
+@needs_data
+def test_singleeq_hand_read_item():
+    first = load("singleeq", "test")[0]
+    assert first["id"] == "singleeq-0" and first["answer"] == "43"
+    assert first["question"].startswith("Joan found 70 seashells")
+
+
+@needs_data
+def test_csqa_layout_and_answers_agree_with_the_dss_copy():
+    beaver = {r["id"]: r for r in load("csqa", "test")}["080ef6941410139d6869e78122bc741e"]
+    assert beaver["question"] == ("A beaver is know for building prowess, their supplies come from where?\n"
+                                  "Answer Choices: (a) british columbia (b) body of water (c) wooded area "
+                                  "(d) pay debts (e) zoo")
+    assert beaver["answer"] == "(c) wooded area"
+    for split in ("train", "test"):  # the cos_e copy is an independent source of every answer text
+        dss = {}
+        for line in (DATA / "commonsenseqa" / "distilling_step_by_step" / f"cqa_{split}.json").open():
+            row = json.loads(line)
+            dss[row["id"]] = row
+        for r in load("csqa", split):
+            letter, text = r["answer"][1], r["answer"][4:]
+            assert r["answer"][:4] == f"({letter}) " and text == dss[r["id"]]["answer"].strip()
+            assert r["choices"] == [c.strip() for c in dss[r["id"]]["choices"]]  # texts are stripped ("ice cream ")
+            assert r["choices"]["abcde".index(letter)] == text
+
+
+def palm_outputs(folder, split, files):
+    return [o for i in range(files) for o in json.loads((folder / "llm" / f"{split}_CoT_{i}.json").read_text())]
+
+
+@needs_data
+def test_palm_svamp_against_the_dss_parse():
+    records = load("svamp", "train")
+    kept = load_palm_rationales("svamp", "train", DATA)
+    print(f"PaLM svamp train kept {len(kept)} / 800 = {len(kept) / 800:.1%}")
+    gold = {r["id"]: r["answer"] for r in records}
+    assert [k["id"] for k in kept] == [r["id"] for r in records if r["id"] in {k["id"] for k in kept}]
+    for k in kept:
+        assert k["rationale"].endswith(f". The answer is {gold[k['id']]}.") and k["rationale"].count("Q:") == 0
+        assert k["teacher_answer"] == gold[k["id"]] and k["phase"] == 0
+    assert kept[0]["rationale"] == ("Luke scored 84 points after 2 rounds. So he scored 84 points in 2 rounds. "
+                                    "84 / 2 = 42. The answer is 42.")
+    # oracle: DSS's parse (one "The answer is", then the greedy "(...)" regex) keeps 586. The whole final
+    # expression keeps 594: 9 more, where the answer goes on after the first bracket ("(16 * 17) * 4"),
+    # and 1 fewer, "(31 * 6) / 19" (= 9.79, gold 186), which DSS's regex reads as "(31 * 6)".
+    outputs = palm_outputs(DATA / "svamp" / "distilling_step_by_step", "train", 2)
+    dss, tails = set(), {}
+    for r, out in zip(records, outputs, strict=True):
+        parts = out.split("Q:")[0].rstrip().split("The answer is")
+        match = re.search(r"\(.*\)", parts[-1]) if len(parts) == 2 else None
+        tails[r["id"]] = parts[-1].strip().split("\n")[0].removesuffix(".")
+        try:
+            if match and abs(safe_eval(match.group(0)) - float(r["answer"])) < 1e-4:
+                dss.add(r["id"])
+        except ValueError:
+            pass
+    ours = {k["id"] for k in kept}
+    assert len(dss) == 586 and len(ours) == 594
+    assert len(ours - dss) == 9 and all(re.search(r"\)\s*[-+*/]", tails[i]) for i in ours - dss)
+    assert [tails[i] for i in dss - ours] == ["(31 * 6) / 19"]
+    assert len(load_palm_rationales("svamp", "test", DATA)) == 155
+
+
+@needs_data
+def test_palm_csqa_against_the_dss_parse():
+    records = load("csqa", "train")
+    kept = load_palm_rationales("csqa", "train", DATA)
+    share = len(kept) / len(records)
+    print(f"PaLM csqa train kept {len(kept)} / {len(records)} = {share:.1%}")
+    gold = {r["id"]: r["answer"] for r in records}
+    for k in kept:
+        assert k["rationale"].endswith(f". So the answer is {gold[k['id']]}.") and k["teacher_answer"] == gold[k["id"]]
+    by_id = {k["id"]: k for k in load_palm_rationales("csqa", "test", DATA)}
+    assert by_id["080ef6941410139d6869e78122bc741e"]["rationale"] == (
+        "The answer must be the place where beavers get their supplies. Of the above choices, only wooded areas "
+        "have the supplies that beavers need. So the answer is (c) wooded area.")
+    # oracle: DSS compares the text after "(x)" with the answer text, case-sensitively: 74.3% (README).
+    # The letter comparison keeps 7333 (75.3%): more, as "(c) California." names the gold "(c) california",
+    # and fewer, as answers naming two letters ("(a) ocean or (b) sea.") are dropped.
+    folder = DATA / "commonsenseqa" / "distilling_step_by_step"
+    rows = [json.loads(line) for line in (folder / "cqa_train.json").open()]
+    dss = set()
+    for row, out in zip(rows, palm_outputs(folder, "train", 10), strict=True):
+        parts = re.split(r"\(.\)", out.split("Q:")[0].rstrip().split("So the answer is")[1])
+        if len(parts) > 1 and parts[1].strip().removesuffix(".") == row["answer"]:
+            dss.add(row["id"])
+    assert len(dss) == 7234 and round(len(dss) / len(records), 3) == 0.743
+    assert len(kept) == 7333 and abs(share - 0.743) < 0.015
+    assert len(load_palm_rationales("csqa", "test", DATA)) == 957

@@ -1,0 +1,205 @@
+"""SPEC §8: answer parsing on hand-checked outputs, batched generation against a one-by-one greedy loop,
+scoring, and the command line end to end on a tiny random model."""
+
+import json
+import os
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_tokenizers import bytelevel_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import data
+import eval as ev
+from models import generate
+
+DATA = Path(os.environ.get("MOLSAKI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.mark.parametrize("text, mode, expected", [
+    ("$1,200.", "answer", 1200.0),
+    (" 1,234,567 people", "answer", 1234567.0),
+    ("1,2,3", "answer", 1.0),  # a list, not a thousands separator
+    ("-3", "answer", -3.0),
+    ("x = -3 degrees", "answer", -3.0),
+    ("5-3 is 2", "answer", 5.0),  # a hyphen after a digit is no sign
+    ("0.5", "answer", 0.5),
+    (".5 of it", "answer", 0.5),
+    ("The answer is 42.", "answer", 42.0),
+    ("12 apples and 30 pears", "answer", 12.0),
+    ("12 apples and 30 pears", "cot", 30.0),
+    ("3 + 4 = 7. The answer is 42. Then 99 more", "cot", 42.0),
+    ("the answer is 5. No wait, THE ANSWER IS 6 because of 7", "cot", 6.0),
+    ("So 2 * 3 = 6 and the answer is $1,200.50.", "cot", 1200.5),
+    ("We get 8. The answer is unknown.", "cot", 8.0),  # nothing after "answer is": the last number
+    ("no number here", "answer", None),
+    ("no number here, the answer is", "cot", None),
+    ("", "cot", None),
+])
+def test_parse_math(text, mode, expected):
+    assert ev.parse_math(text, mode) == expected
+
+
+def test_bad_mode_is_an_error():
+    with pytest.raises(ValueError, match="mode"):
+        ev.parse_math("1", "rationale")
+
+
+CHOICES = ["water", "body of water", "wooded area", "pay debts", "zoo"]
+
+
+@pytest.mark.parametrize("text, mode, expected", [
+    (" (C) wooded area", "answer", "c"),
+    ("I would say (b) because", "answer", "b"),
+    ("Beavers live by the wooded area", "answer", "c"),
+    ("a body of water", "answer", "b"),  # starts earlier than "water"
+    ("water, or a body of water", "answer", "a"),
+    ("Pay Debts", "answer", "d"),
+    ("nothing that matches", "answer", None),
+    ("Not (a) water. So the answer is (e) zoo.", "answer", "a"),
+    ("Not (a) water. So the answer is (e) zoo.", "cot", "e"),
+    ("Not (a) water. So the answer is the zoo.", "cot", "e"),
+    ("Not (a) water, I think.", "cot", "a"),  # no "answer is": the whole text
+])
+def test_parse_choice(text, mode, expected):
+    assert ev.parse_choice(text, CHOICES, mode) == expected
+
+
+def test_is_correct():
+    assert ev.is_correct(3.00001, "3", "math")
+    assert not ev.is_correct(3.001, "3", "math")
+    assert ev.is_correct(1200.0, "1,200", "math")
+    assert not ev.is_correct(None, "3", "math")
+    assert ev.is_correct("c", "(c) wooded area", "csqa")
+    assert not ev.is_correct("b", "(c) wooded area", "csqa")
+    assert not ev.is_correct(None, "(c) wooded area", "csqa")
+    with pytest.raises(ValueError):
+        ev.is_correct(3.0, "3", "svamp")
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no data at {DATA}")
+@pytest.mark.parametrize("name", ["gsm8k", "svamp", "singleeq", "asdiv"])
+def test_gold_answers_parse(name):
+    if not hasattr(data, "load_dataset"):
+        pytest.skip("data.load_dataset not written yet")
+    golds = [r["answer"] for r in data.load_dataset(name, "test", DATA)]
+    assert golds
+    assert [g for g in golds if ev.parse_math(g) != float(g)] == []
+    assert [g for g in golds if ev.parse_math(f"So we get 7. The answer is {g}.", "cot") != float(g)] == []
+
+
+def fake_generator(outputs, calls):
+    def fake(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
+        calls.append((prompts, max_new_tokens, batch_size))
+        return outputs
+    return fake
+
+
+def test_evaluate_scores_outputs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ev, "generate", fake_generator([" 5", " 7 apples, not 8", " none"], calls))
+    records = [{"id": "a", "question": "Q1?", "answer": "5"}, {"id": "b", "question": "Q2?", "answer": "7"},
+               {"id": "c", "question": "Q3?", "answer": "3"}]
+    cpu = types.SimpleNamespace(device=torch.device("cpu"))
+    accuracy, items = ev.evaluate(cpu, None, records, batch_size=4)
+    assert accuracy == pytest.approx(2 / 3)
+    assert calls == [(["Question: Q1?\nAnswer:", "Question: Q2?\nAnswer:", "Question: Q3?\nAnswer:"], 16, 4)]
+    assert [(i["id"], i["parsed"], i["gold"], i["correct"]) for i in items] == [
+        ("a", 5.0, "5", True), ("b", 7.0, "7", True), ("c", None, "3", False)]
+    assert items[1]["prompt"] == "Question: Q2?\nAnswer:" and items[1]["output"] == " 7 apples, not 8"
+
+    calls.clear()
+    monkeypatch.setattr(ev, "generate", fake_generator([" 2 + 2 = 4. The answer is 4.", " (a) or (b)"], calls))
+    records = [{"id": "m", "question": "Q?", "answer": "4"},
+               {"id": "q", "question": "Where?", "answer": "(b) forest", "choices": ["city", "forest"]}]
+    accuracy, items = ev.evaluate(cpu, None, records, mode="cot")
+    assert calls[0][0] == [data.EXP_PROMPT.format(question="Q?"), data.EXP_PROMPT.format(question="Where?")]
+    assert calls[0][1] == 128
+    assert [i["parsed"] for i in items] == [4.0, "a"] and accuracy == 0.5
+
+
+def tiny_llama(tok, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    # eos copies (x1.5) the output row of a token that seed 0 generates often, so that some greedy
+    # continuations stop at eos early, inside a batch whose other rows go on
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 1.5 * model.lm_head.weight[97]
+    return model
+
+
+def greedy_loop(model, tok, prompt, max_new_tokens):
+    """The definition: one prompt, no padding, no cache; full forward pass and argmax per token."""
+    ids, new = tok(prompt)["input_ids"], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tok.eos_token_id:
+                break
+            new.append(token)
+    return tok.decode(new), len(new)
+
+
+PROMPTS = [
+    "Question: Mary has 12 apples. She gives 3 apples to John. How many apples does she have left?",
+    "Tom",
+    "Question: A baker made 48 cookies.",
+    "25 + 7.50 =",
+    "Rationale: He reads 15 pages each day. In 4 days he reads",
+    "The train travels 120 miles in 2 hours",
+]
+
+
+def test_generate_matches_one_by_one():
+    tok = bytelevel_tokenizer()
+    model = tiny_llama(tok)
+    expected = [greedy_loop(model, tok, p, 12) for p in PROMPTS]
+    lengths = [n for _, n in expected]
+    assert min(lengths) < 12 and max(lengths) == 12, lengths  # some stop at eos inside a batch, some do not
+    assert len({len(tok(p)["input_ids"]) for p in PROMPTS}) == len(PROMPTS)  # padding really happens
+    model.train()  # generate must decode in eval mode and give the mode back
+    assert generate(model, tok, PROMPTS, 12, batch_size=4) == [text for text, _ in expected]
+    assert tok.padding_side == "right" and model.training
+    assert generate(model, tok, PROMPTS[:1], 12, batch_size=1) == [expected[0][0]]
+
+
+def save_tiny_checkpoint(folder):
+    tok = bytelevel_tokenizer()
+    model = tiny_llama(tok)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    problems = pytest.importorskip("problems")
+    ckpt = tmp_path / "ckpt"
+    model, tok = save_tiny_checkpoint(ckpt)
+    accuracies = ev.main(["--checkpoint", str(ckpt), "--sets", "builtin", "--limit", "8", "--batch-size", "3"])
+    stdout = capsys.readouterr().out
+    assert list(accuracies) == ["builtin"]
+    assert json.loads((ckpt / "eval_answer.json").read_text()) == accuracies
+    items = [json.loads(line) for line in (ckpt / "eval_builtin_answer.jsonl").read_text().splitlines()]
+    records = problems.make_problems(200, seed=1)[:8]
+    assert [i["id"] for i in items] == [r["id"] for r in records]
+    for item, record in zip(items, records, strict=True):
+        assert item["prompt"] == data.PRE_PROMPT.format(question=record["question"])
+        assert item["output"] == greedy_loop(model, tok, item["prompt"], 16)[0]
+        assert item["parsed"] == ev.parse_math(item["output"])
+        assert item["gold"] == record["answer"]
+        assert item["correct"] == ev.is_correct(item["parsed"], record["answer"], "math")
+    accuracy = sum(i["correct"] for i in items) / 8
+    assert accuracies["builtin"] == accuracy
+    assert "| set | n | accuracy % |" in stdout and f"| builtin | 8 | {100 * accuracy:.2f} |" in stdout
+
+    out = tmp_path / "elsewhere"
+    ev.main(["--checkpoint", str(ckpt), "--sets", "builtin", "--limit", "2", "--mode", "cot", "--out", str(out)])
+    items = [json.loads(line) for line in (out / "eval_builtin_cot.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in out.iterdir()) == ["eval_builtin_cot.jsonl", "eval_cot.json"]
+    assert items[0]["prompt"] == data.EXP_PROMPT.format(question=records[0]["question"])

@@ -1,0 +1,394 @@
+"""Train a student by CoT distillation: L = alpha L_pre + (1 - alpha) L_exp + beta L_att (Eq. 7).
+
+    python train.py --teacher gemma3-270m --student smollm2-135m --data builtin --method molsaki
+
+Stages, each skipped when its output is already in --out (SPEC §1): teacher rationales (data.py),
+teacher attention cache (data.py through attention.py), training (this file), evaluation (eval.py).
+
+Methods (SPEC §6): `vanilla` (L_pre on gold answers), `dss` (beta = 0), `mmi` (MMI loss, beta 0.1),
+`molsaki` (Eq. 6 with MoL, Eq. 4/5); `--layer-map T:S` or `last` is the single-layer ablation.
+Per step: one forward for L_pre and one for L_exp; under molsaki the L_exp pass also yields the student's
+stepwise attention and value states (attention.capture), so L_att costs no extra forward.
+
+Public functions: `parse_args`, `features`, `collate`, `step_losses`, `train`, `main`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import attention
+import data
+import eval as eval_
+import losses
+import models
+import mol
+import problems
+import spans
+
+METHODS = ("vanilla", "dss", "mmi", "molsaki")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="gemma3-270m", help="hub id, folder, or a packaged name (models.py)")
+    p.add_argument("--student", default="smollm2-135m", help="hub id, folder, or a packaged name (models.py)")
+    p.add_argument("--data", default="builtin", help="builtin, svamp, gsm8k or csqa (training split)")
+    p.add_argument("--data-dir", default=None, help="real data sets (default $MOLSAKI_DATA)")
+    p.add_argument("--rationales", default=None, choices=["builtin", "teacher", "palm"],
+                   help="rationale source; default: builtin for --data builtin, else teacher")
+    p.add_argument("--n-train", type=int, default=400, help="number of built-in training problems")
+    p.add_argument("--method", default="molsaki", choices=METHODS)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--beta", type=float, default=None, help="default 1.0 (molsaki), 0.1 (mmi)")
+    p.add_argument("--tau1", type=float, default=0.1)
+    p.add_argument("--tau2", type=float, default=0.5)
+    p.add_argument("--layer-map", default=None, help="single-layer ablation: 'T:S' (1-based) or 'last'")
+    p.add_argument("--delimiters", default=".")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (all processes)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process and step")
+    p.add_argument("--max-steps", type=int, default=4000)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    p.add_argument("--teacher-batch-size", type=int, default=8)
+    p.add_argument("--eval-sets", default=None,
+                   help="comma-separated; default: builtin for builtin data, else svamp,singleeq,asdiv,gsm8k")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="run directory (default runs/<data>-<method>-s<seed>)")
+    args = p.parse_args(argv)
+    if args.beta is None:
+        args.beta = {"molsaki": 1.0, "mmi": 0.1}.get(args.method, 0.0)
+    args.rationales = args.rationales or ("builtin" if args.data == "builtin" else "teacher")
+    args.out = Path(args.out or f"runs/{args.data}-{args.method}-s{args.seed}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages before training: examples with rationales, and the teacher attention cache.
+
+
+def training_examples(args):
+    """Train records joined with their rationales (and CSQA keywords): `{id, question, answer, rationale}`."""
+    if args.data == "builtin":
+        records = problems.make_problems(args.n_train, seed=0)
+    else:
+        records = data.load_dataset(args.data, "train", args.data_dir)
+    if args.method == "vanilla" or args.rationales == "builtin":
+        return [dict(r, rationale=r.get("rationale", "")) for r in records]
+    if args.rationales == "palm":
+        kept = data.load_palm_rationales(args.data, "train", args.data_dir)
+    else:
+        teacher, tok = _teacher(args)
+        kept = data.teacher_rationales(teacher, tok, records, args.out / "rationales.jsonl", args.teacher_batch_size)
+    by_id = {r["id"]: r for r in records}
+    examples = [dict(by_id[k["id"]], rationale=k["rationale"]) for k in kept]
+    print(f"[train] {len(examples)} of {len(records)} items have a correct rationale ({args.rationales})")
+    return examples
+
+
+_TEACHER = {}
+
+
+def _teacher(args):
+    """The teacher, loaded once per process and only when a stage needs it."""
+    if "model" not in _TEACHER:
+        model, tok = models.load_model(args.teacher, attn_implementation=attention.ATTN)
+        _TEACHER["model"], _TEACHER["tok"] = model.to(_device()).eval(), tok
+    return _TEACHER["model"], _TEACHER["tok"]
+
+
+def teacher_cache(args, examples):
+    meta = {"teacher": args.teacher, "exp_prompt": data.EXP_PROMPT, "delimiters": args.delimiters,
+            "critical": "keywords" if args.data == "csqa" else "numbers", "max_length": args.max_length,
+            "texts": data.texts_hash(examples)}
+    path = args.out / "teacher_cache.pt"
+    if path.exists():
+        print(f"[train] reusing teacher attention cache {path}")
+        return data.load_attention_cache(path, meta)
+    teacher, tok = _teacher(args)
+    cache = data.build_attention_cache(teacher, tok, examples, meta, args.max_length, args.teacher_batch_size)
+    if _rank() == 0:
+        data.save_atomic(cache, path)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: token ids, target labels, and the student's step/word groups aligned with the teacher's.
+
+
+def _task(tok, prompt, target, max_length):
+    """ids and labels of prompt + target (+ EOS); labels only on target tokens (-100 elsewhere)."""
+    enc = tok(prompt + target, return_offsets_mapping=True, truncation=True, max_length=max_length - 1)
+    ids = enc["input_ids"] + [tok.eos_token_id]
+    labels = [t if e > len(prompt) else -100 for t, (_, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    return ids, labels + [tok.eos_token_id]
+
+
+def features(args, examples, tok, cache, n_student_layers):
+    """One dict per example; under molsaki also the student groups and the mixed teacher target A_t [S, W]."""
+    out = []
+    for e in examples:
+        f = {"id": e["id"]}
+        f["pre_ids"], f["pre_labels"] = _task(tok, data.PRE_PROMPT.format(question=e["question"]),
+                                              " " + e["answer"], args.max_length)
+        if args.method != "vanilla":
+            f["exp_ids"], f["exp_labels"] = _task(tok, data.EXP_PROMPT.format(question=e["question"]),
+                                                  " " + e["rationale"], args.max_length)
+        if args.method == "molsaki":
+            text, steps, words = spans.example_spans(e["question"], e["rationale"], data.EXP_PROMPT,
+                                                     e.get("keywords"), args.delimiters)
+            _, st, wt = spans.encode(tok, text, steps, words, args.max_length - 1)
+            item = cache["items"][e["id"]]
+            step_ids = spans.align(st, dict.fromkeys(item["step_ids"]))
+            word_ids = spans.align(wt, dict.fromkeys(item["word_ids"]))
+            rows = [item["step_ids"].index(k) for k in step_ids]
+            cols = [item["word_ids"].index(k) for k in word_ids]
+            A_t = item["A"][:, rows][:, :, cols]  # [L1, S, W], the steps and words both models keep
+            p_t = (mol.one_hot_weights(mol.parse_layer_map(args.layer_map, A_t.shape[0], n_student_layers)[0],
+                                       A_t.shape[0]) if args.layer_map else mol.teacher_layer_weights(A_t, args.tau1))
+            f.update(A_t=mol.mix_layers(A_t, p_t), p_t=p_t,
+                     groups=([st[k] for k in step_ids], [wt[k] for k in word_ids]))
+        out.append(f)
+    return out
+
+
+def _pad(rows, value):
+    N = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (N - len(r)) for r in rows])  # [B, N]
+
+
+def collate(batch, pad_id):
+    """Right-padded tensors for each task (positions are not shifted, so groups stay valid)."""
+    out = {"ids": [f["id"] for f in batch]}
+    for task in ("pre", "exp"):
+        if f"{task}_ids" in batch[0]:
+            ids = [f[f"{task}_ids"] for f in batch]
+            out[f"{task}_ids"] = _pad(ids, pad_id)
+            out[f"{task}_labels"] = _pad([f[f"{task}_labels"] for f in batch], -100)
+            out[f"{task}_mask"] = _pad([[1] * len(r) for r in ids], 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One step's losses.
+
+
+def step_losses(args, student, router, batch, feats, device):
+    """Loss components of one micro-batch: {'loss', 'pre', 'exp', 'att', 'mmi', 'p_s', 'no_words'}."""
+    t = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    zero = torch.zeros((), device=device)
+    with autocast:
+        pre = student(t["pre_ids"], attention_mask=t["pre_mask"]).logits
+        l_pre = losses.target_cross_entropy(pre, t["pre_labels"])
+        if args.method == "vanilla":
+            return {"loss": l_pre, "pre": l_pre}
+        groups = [f["groups"] for f in feats] if args.method == "molsaki" else None
+        if groups:
+            with attention.capture(student, groups, values=True) as cap:
+                exp = student(t["exp_ids"], attention_mask=t["exp_mask"]).logits
+        else:
+            exp = student(t["exp_ids"], attention_mask=t["exp_mask"]).logits
+        l_exp = losses.target_cross_entropy(exp, t["exp_labels"])
+    out = {"pre": l_pre, "exp": l_exp, "att": zero, "mmi": zero}
+    extra = zero
+    if args.method == "mmi":
+        out["mmi"] = extra = losses.mmi_loss(pre, t["pre_labels"], exp, t["exp_labels"])
+    if groups:
+        A_s = cap.stepwise()  # per example [L2, S, W]
+        if args.layer_map:
+            s = mol.parse_layer_map(args.layer_map, feats[0]["p_t"].shape[0], len(A_s[0]))[1]
+            p_s = mol.one_hot_weights(s, len(A_s[0])).to(device).expand(len(feats), -1)
+        else:
+            p_s = router(cap.value_states(), t["exp_mask"])  # [B, L2], Eq. 5
+        pairs = [(f["A_t"].to(device), mol.mix_layers(a, p)) for f, a, p in zip(feats, A_s, p_s, strict=True)]
+        out["att"], used = losses.attention_loss(pairs)
+        out["p_s"], out["no_words"] = p_s.detach().mean(0), torch.tensor(float(len(feats) - used))
+        extra = out["att"]
+    out["loss"] = losses.total_loss(l_pre, l_exp, extra, args.alpha, args.beta)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: AdamW, linear warmup and decay, clipping, checkpoints, resume, data parallel.
+
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _value_dim(config):
+    """d of Eq. 5: kv_heads x head_dim, the width of the value states the attention function receives."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def batch_indices(step, n, batch_size, seed):
+    """Example indices of global step `step`: consecutive slices of per-epoch seeded permutations."""
+    start, out = step * batch_size, []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        out += perm[offset:offset + batch_size - len(out)]
+    return out
+
+
+def save_checkpoint(args, step, student, tok, router, opt, sched):
+    """Write --out/checkpoint atomically: a crash mid-write leaves the previous one intact."""
+    final, tmp, old = args.out / "checkpoint", args.out / "checkpoint.tmp", args.out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"router": router.state_dict() if router else None, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": step, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "args": {k: str(v) for k, v in vars(args).items()}}, tmp / "trainer_state.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_dir(args):
+    for name in ("checkpoint", "checkpoint.old"):  # .old: a crash between the two renames
+        if (args.out / name / "trainer_state.pt").exists():
+            return args.out / name
+    raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
+
+
+def train(args):
+    """Run every stage that is not done yet; returns the final step's logged losses."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = _device()
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    examples = training_examples(args)
+    if not examples:
+        raise ValueError("no training examples with a correct rationale")
+    cache = teacher_cache(args, examples) if args.method == "molsaki" else None
+    _TEACHER.clear()  # the teacher is not needed from here on
+
+    source = _checkpoint_dir(args) if args.resume else args.student
+    attn = attention.ATTN if args.method == "molsaki" else "sdpa"
+    student, tok = models.load_model(str(source), attn_implementation=attn)
+    student.to(device).train()
+    feats = features(args, examples, tok, cache, student.config.num_hidden_layers)
+    router = None
+    if args.method == "molsaki" and not args.layer_map:
+        router = mol.StudentRouter(_value_dim(student.config), args.tau2).to(device)
+    params = list(student.parameters()) + (list(router.parameters()) if router else [])
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / max(1, args.warmup),
+                           max(0.0, (args.max_steps - s) / max(1, args.max_steps - args.warmup))))
+    step = 0
+    if args.resume:
+        state = torch.load(source / "trainer_state.pt", weights_only=False)
+        if router:
+            router.load_state_dict(state["router"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        print(f"[train] resumed from {source} at step {step}")
+
+    world, rank = _world(), _rank()
+    micro = args.batch_size // (world * args.grad_accum)
+    if micro * world * args.grad_accum != args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum")
+    log = open(args.out / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=args.max_steps, initial=step, desc=args.method, disable=rank != 0)
+    row = {}
+    try:
+        while step < args.max_steps:
+            idx = batch_indices(step, len(feats), args.batch_size, args.seed)
+            mine = idx[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
+            sums = {}
+            t0 = time.time()
+            for m in range(args.grad_accum):
+                fb = [feats[i] for i in mine[m * micro:(m + 1) * micro]]
+                out = step_losses(args, student, router, collate(fb, tok.pad_token_id), fb, device)
+                if not torch.isfinite(out["loss"]):
+                    raise FloatingPointError(f"non-finite loss at step {step}, batch ids {[f['id'] for f in fb]}; "
+                                             f"the last good checkpoint is in {args.out}")
+                (out["loss"] / args.grad_accum).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / args.grad_accum
+            if world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+                for v in sums.values():
+                    dist.all_reduce(v)
+                    v /= world
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            row = {"step": step, "lr": sched.get_last_lr()[0], "sec": round(time.time() - t0, 3)}
+            row.update({k: (v.tolist() if v.dim() else v.item()) for k, v in sums.items()})
+            if cache is not None:
+                row["p_t"] = torch.stack([feats[i]["p_t"] for i in mine]).mean(0).tolist()
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "pre", "exp", "att", "mmi") if k in row})
+            if rank == 0 and (step % args.save_every == 0 or step == args.max_steps):
+                save_checkpoint(args, step, student, tok, router, opt, sched)
+    except KeyboardInterrupt:
+        if rank == 0:
+            save_checkpoint(args, step, student, tok, router, opt, sched)
+            print(f"\n[train] interrupted: saved step {step} to {args.out / 'checkpoint'}; continue with --resume")
+        raise SystemExit(130) from None
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves like Ctrl-C
+    row = train(args)
+    if _rank() == 0 and args.eval_sets != "":
+        sets = (args.eval_sets or ("builtin" if args.data == "builtin" else "svamp,singleeq,asdiv,gsm8k")).split(",")
+        eval_.run(args.out / "checkpoint", sets, args.data_dir, batch_size=args.eval_batch_size, out=args.out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(f"[train] run directory: {args.out}")
+    return row
+
+
+if __name__ == "__main__":
+    main()
