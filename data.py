@@ -7,7 +7,7 @@
 - `safe_eval(expr)`: the value of an arithmetic expression (numbers, + - * /, parentheses, unary minus).
 - `format_number(x)`: a gold number as text ("42", "0.5", "0.666667": at most 6 decimals).
 - `teacher_rationales(model, tok, records, path)`: dual-phase few-shot CoT (SPEC §7), resumable JSONL.
-- `keyword_prompt(question, rationale)`, `parse_keywords(output)`: the CSQA critical words (App. B.2).
+- `teacher_keywords(model, tok, examples, path)`: the CSQA critical words (App. B.2), resumable JSONL.
 - `build_attention_cache(model, tok, examples, meta)`: `A_t [L1, S, W]` per example, from one no-grad
   teacher pass through `attention.capture`; `load_attention_cache(path, meta)` refuses a mismatched cache.
 
@@ -276,7 +276,7 @@ def cot_prompt(record: dict, with_gold: bool) -> str:
 def cut_rationale(output: str, record: dict) -> tuple[str, object]:
     """The rationale up to its "answer is" sentence, and the answer it states (None when there is none)."""
     text = output.split("\nQuestion:")[0].split("\n\n")[0].strip()
-    found = re.search(r"^.*answer is[^\n]*?(\.(?=\s|$)|$)", text, re.IGNORECASE | re.DOTALL)
+    found = re.search(r"\A.*answer is[^\n]*?(\.(?=\s|$)|$)", text, re.IGNORECASE | re.DOTALL | re.MULTILINE)
     if found is None:
         return text, None
     text = found.group(0).strip()
@@ -285,15 +285,25 @@ def cut_rationale(output: str, record: dict) -> tuple[str, object]:
     return text, eval_.parse_math(text, "cot")
 
 
+def _resume(path: Path) -> list[dict]:
+    """Rows of a JSONL file written line by line; a last line cut by a hard kill is dropped from the file."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    return [row for _, row in _jsonl(path)]
+
+
 def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: int = 8,
                        max_new_tokens: int = 128, chunk: int = 64) -> list[dict]:
     """Dual-phase CoT (SPEC §7) with every attempt appended to the JSONL `path` as it is made, so that a
     re-run continues where it stopped. Returns `{id, rationale, teacher_answer, phase}` of correct items."""
     path = Path(path)
     attempts = {}  # id -> {phase: attempt}
-    if path.exists():
-        for _, row in _jsonl(path):
-            attempts.setdefault(row["id"], {})[row["phase"]] = row
+    for row in _resume(path):
+        attempts.setdefault(row["id"], {})[row["phase"]] = row
     for phase in (1, 2):
         todo = [r for r in records if phase not in attempts.get(r["id"], {})
                 and not any(a["correct"] for a in attempts.get(r["id"], {}).values())]
@@ -305,13 +315,29 @@ def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: 
             with open(path, "a") as f:
                 for r, output in zip(part, outputs, strict=True):
                     rationale, answer = cut_rationale(output, r)
-                    row = {"id": r["id"], "rationale": rationale, "teacher_answer": answer, "phase": phase,
+                    row = {"id": r["id"], "rationale": rationale, "phase": phase,
+                           "teacher_answer": format_number(answer) if isinstance(answer, float) else answer,
                            "correct": eval_.is_correct(answer, r["answer"], task_of(r))}
                     attempts.setdefault(r["id"], {})[phase] = row
                     f.write(json.dumps(row) + "\n")
     kept = [next(a for a in attempts[r["id"]].values() if a["correct"]) for r in records
             if any(a["correct"] for a in attempts.get(r["id"], {}).values())]
     return [{k: a[k] for k in ("id", "rationale", "teacher_answer", "phase")} for a in kept]
+
+
+def teacher_keywords(model, tokenizer, examples: list[dict], path, batch_size: int = 8) -> dict[str, list[str]]:
+    """CSQA: the teacher's keywords for each example id (paper App. B.2), kept in the JSONL `path`."""
+    path = Path(path)
+    done = {row["id"]: row["keywords"] for row in _resume(path)}
+    todo = [e for e in examples if e["id"] not in done]
+    if todo:
+        prompts = [keyword_prompt(e["question"], e["rationale"]) for e in todo]
+        outputs = models.generate(model, tokenizer, prompts, 32, batch_size, desc="keywords")
+        with open(path, "a") as f:
+            for e, output in zip(todo, outputs, strict=True):
+                done[e["id"]] = parse_keywords(output)
+                f.write(json.dumps({"id": e["id"], "keywords": done[e["id"]]}) + "\n")
+    return done
 
 
 def keyword_prompt(question: str, rationale: str) -> str:

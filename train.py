@@ -37,42 +37,54 @@ import spans
 METHODS = ("vanilla", "dss", "mmi", "molsaki")
 
 
+# Schedule defaults: the paper's (SPEC §9, GPT-2 students; TinyLlama used --lr 1e-4 --max-steps 2000) for real
+# data, and a short one for the built-in problems: about 15 minutes on 2 CPU cores, a minute on a GPU.
+SCHEDULE = {"paper": {"lr": 5e-5, "batch_size": 16, "max_steps": 4000, "warmup": 0},
+            "builtin": {"lr": 1e-4, "batch_size": 8, "max_steps": 50, "warmup": 5}}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default="gemma3-270m", help="hub id, folder, or a packaged name (models.py)")
-    p.add_argument("--student", default="smollm2-135m", help="hub id, folder, or a packaged name (models.py)")
-    p.add_argument("--data", default="builtin", help="builtin, svamp, gsm8k or csqa (training split)")
-    p.add_argument("--data-dir", default=None, help="real data sets (default $MOLSAKI_DATA)")
-    p.add_argument("--rationales", default=None, choices=["builtin", "teacher", "palm"],
-                   help="rationale source; default: builtin for --data builtin, else teacher")
-    p.add_argument("--n-train", type=int, default=400, help="number of built-in training problems")
-    p.add_argument("--method", default="molsaki", choices=METHODS)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--beta", type=float, default=None, help="default 1.0 (molsaki), 0.1 (mmi)")
-    p.add_argument("--tau1", type=float, default=0.1)
-    p.add_argument("--tau2", type=float, default=0.5)
-    p.add_argument("--layer-map", default=None, help="single-layer ablation: 'T:S' (1-based) or 'last'")
-    p.add_argument("--delimiters", default=".")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (all processes)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process and step")
-    p.add_argument("--max-steps", type=int, default=4000)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
-    p.add_argument("--teacher-batch-size", type=int, default=8)
-    p.add_argument("--eval-sets", default=None,
-                   help="comma-separated; default: builtin for builtin data, else svamp,singleeq,asdiv,gsm8k")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--out", default=None, help="run directory (default runs/<data>-<method>-s<seed>)")
+    a = p.add_argument
+    a("--teacher", default="gemma3-270m", help="hub id, folder, or a packaged name (gemma3-270m, smollm2-135m)")
+    a("--student", default="smollm2-135m", help="hub id, folder, or a packaged name (gemma3-270m, smollm2-135m)")
+    a("--data", default="builtin", choices=["builtin", "svamp", "gsm8k", "csqa"], help="training set")
+    a("--data-dir", default=None, help="folder of the real data sets (else $MOLSAKI_DATA)")
+    a("--rationales", default=None, choices=["builtin", "teacher", "palm"],
+      help="rationale source (builtin: --data builtin only; palm: svamp or csqa); None = builtin or teacher")
+    a("--n-train", type=int, default=200, help="number of built-in training problems")
+    a("--method", default="molsaki", choices=METHODS, help="training objective (SPEC §6)")
+    a("--alpha", type=float, default=0.5, help="weight of L_pre; L_exp gets 1 - alpha (Eq. 7)")
+    a("--beta", type=float, default=None, help="weight of L_att (molsaki) or L_MMI (mmi); None = 1.0 or 0.1")
+    a("--tau1", type=float, default=0.1, help="teacher MoL temperature (Eq. 4)")
+    a("--tau2", type=float, default=0.5, help="student router temperature (Eq. 5)")
+    a("--layer-map", default=None, help="single-layer ablation instead of MoL: 'T:S' (1-based) or 'last'")
+    a("--delimiters", default=".", help="characters that end a step (SPEC §3)")
+    a("--lr", type=float, default=None, help="AdamW learning rate; None = 5e-5 (paper), 1e-4 (builtin)")
+    a("--batch-size", type=int, default=None, help="global batch (all processes); None = 16 (paper), 8 (builtin)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per process and step")
+    a("--max-steps", type=int, default=None, help="optimizer steps; None = 4000 (paper), 50 (builtin)")
+    a("--warmup", type=int, default=None, help="linear warmup steps, then linear decay; None = 0 (paper), 5")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    a("--seed", type=int, default=0, help="model init of the router and data order")
+    a("--max-length", type=int, default=512, help="tokens per text (student and teacher)")
+    a("--save-every", type=int, default=500, help="checkpoint every K steps (and at the end)")
+    a("--resume", action="store_true", help="continue from --out/checkpoint")
+    a("--teacher-batch-size", type=int, default=8, help="batch of the teacher's generation and attention pass")
+    a("--eval-sets", default=None,
+      help="comma-separated, '' for none; None = builtin for builtin data, else svamp,singleeq,asdiv,gsm8k")
+    a("--eval-batch-size", type=int, default=16, help="batch of the final evaluation")
+    a("--out", default=None, help="run directory; None = runs/<data>-<method>-s<seed>")
     args = p.parse_args(argv)
+    for k, v in SCHEDULE["builtin" if args.data == "builtin" else "paper"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.beta is None:
         args.beta = {"molsaki": 1.0, "mmi": 0.1}.get(args.method, 0.0)
     args.rationales = args.rationales or ("builtin" if args.data == "builtin" else "teacher")
+    if args.rationales == "builtin" and args.data != "builtin":
+        p.error("--rationales builtin needs --data builtin")
     args.out = Path(args.out or f"runs/{args.data}-{args.method}-s{args.seed}")
     return args
 
@@ -93,11 +105,27 @@ def training_examples(args):
         kept = data.load_palm_rationales(args.data, "train", args.data_dir)
     else:
         teacher, tok = _teacher(args)
-        kept = data.teacher_rationales(teacher, tok, records, args.out / "rationales.jsonl", args.teacher_batch_size)
+        kept = _rank0_first(lambda: data.teacher_rationales(teacher, tok, records, args.out / "rationales.jsonl",
+                                                            args.teacher_batch_size))
     by_id = {r["id"]: r for r in records}
     examples = [dict(by_id[k["id"]], rationale=k["rationale"]) for k in kept]
     print(f"[train] {len(examples)} of {len(records)} items have a correct rationale ({args.rationales})")
+    if args.data == "csqa" and args.method == "molsaki":  # critical words = the teacher's keywords
+        teacher, tok = _teacher(args)
+        keywords = _rank0_first(lambda: data.teacher_keywords(teacher, tok, examples, args.out / "keywords.jsonl",
+                                                              args.teacher_batch_size))
+        examples = [dict(e, keywords=keywords[e["id"]]) for e in examples]
     return examples
+
+
+def _rank0_first(stage):
+    """Run a stage that writes a resumable file on rank 0 first; the other processes then read its result."""
+    if _rank() != 0:
+        dist.barrier()
+    result = stage()
+    if _rank() == 0 and dist.is_initialized():
+        dist.barrier()
+    return result
 
 
 _TEACHER = {}
@@ -120,8 +148,14 @@ def teacher_cache(args, examples):
         print(f"[train] reusing teacher attention cache {path}")
         return data.load_attention_cache(path, meta)
     teacher, tok = _teacher(args)
-    cache = data.build_attention_cache(teacher, tok, examples, meta, args.max_length, args.teacher_batch_size)
-    if _rank() == 0:
+    rank, world = _rank(), _world()  # each process computes its shard; all of them get every item
+    cache = data.build_attention_cache(teacher, tok, examples[rank::world], meta, args.max_length,
+                                       args.teacher_batch_size)
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, cache["items"])
+        cache["items"] = {k: v for shard in shards for k, v in shard.items()}
+    if rank == 0:
         data.save_atomic(cache, path)
     return cache
 
@@ -217,7 +251,7 @@ def step_losses(args, student, router, batch, feats, device):
             p_s = router(cap.value_states(), t["exp_mask"])  # [B, L2], Eq. 5
         pairs = [(f["A_t"].to(device), mol.mix_layers(a, p)) for f, a, p in zip(feats, A_s, p_s, strict=True)]
         out["att"], used = losses.attention_loss(pairs)
-        out["p_s"], out["no_words"] = p_s.detach().mean(0), torch.tensor(float(len(feats) - used))
+        out["p_s"], out["no_words"] = p_s.detach().mean(0), torch.tensor(float(len(feats) - used), device=device)
         extra = out["att"]
     out["loss"] = losses.total_loss(l_pre, l_exp, extra, args.alpha, args.beta)
     return out
@@ -267,7 +301,8 @@ def save_checkpoint(args, step, student, tok, router, opt, sched):
                 "scheduler": sched.state_dict(), "step": step, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "args": {k: str(v) for k, v in vars(args).items()}}, tmp / "trainer_state.pt")
-    if final.exists():
+    if final.exists():  # a complete checkpoint: an .old left by an earlier crash is stale
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
@@ -285,6 +320,8 @@ def train(args):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = _device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives on objects use the current device
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     examples = training_examples(args)
@@ -335,9 +372,6 @@ def train(args):
             for m in range(args.grad_accum):
                 fb = [feats[i] for i in mine[m * micro:(m + 1) * micro]]
                 out = step_losses(args, student, router, collate(fb, tok.pad_token_id), fb, device)
-                if not torch.isfinite(out["loss"]):
-                    raise FloatingPointError(f"non-finite loss at step {step}, batch ids {[f['id'] for f in fb]}; "
-                                             f"the last good checkpoint is in {args.out}")
                 (out["loss"] / args.grad_accum).backward()
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0) + v.detach().float() / args.grad_accum
@@ -349,6 +383,10 @@ def train(args):
                 for v in sums.values():
                     dist.all_reduce(v)
                     v /= world
+            if not torch.isfinite(sums["loss"]):  # after the all-reduce, so every process stops
+                ids = [feats[i]["id"] for i in idx]
+                raise FloatingPointError(f"non-finite loss at step {step + 1}, batch ids {ids}; "
+                                         f"the last good checkpoint is in {args.out}")
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             sched.step()
@@ -357,7 +395,7 @@ def train(args):
             row = {"step": step, "lr": sched.get_last_lr()[0], "sec": round(time.time() - t0, 3)}
             row.update({k: (v.tolist() if v.dim() else v.item()) for k, v in sums.items()})
             if cache is not None:
-                row["p_t"] = torch.stack([feats[i]["p_t"] for i in mine]).mean(0).tolist()
+                row["p_t"] = torch.stack([feats[i]["p_t"] for i in idx]).mean(0).tolist()  # the global batch
             if log:
                 log.write(json.dumps(row) + "\n")
                 log.flush()

@@ -1,0 +1,258 @@
+"""Tests for train.py on tiny random models (conftest): each method learns the built-in problems, L_att
+sends gradients to the router and the student's attention but never to the teacher, an interrupted run
+resumes to the same losses, a NaN stops the run at the last good checkpoint, checkpoints are swapped
+atomically, and two gloo processes under torchrun match one process with the same global batch."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import attention
+import losses
+import models
+import mol
+import problems
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigterm():
+    """train.main turns SIGTERM into KeyboardInterrupt; give pytest its own handler back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def argv(teacher, student, out, method, *extra, steps=30, lr=3e-3):
+    return ["--teacher", teacher, "--student", student, "--data", "builtin", "--n-train", "16",
+            "--batch-size", "4", "--max-steps", str(steps), "--lr", str(lr), "--eval-sets", "",
+            "--method", method, "--out", str(out), *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+
+
+def state(out, name="checkpoint"):
+    return torch.load(Path(out) / name / "trainer_state.pt", weights_only=False)
+
+
+def checkpoints(out):
+    return sorted(p.name for p in Path(out).iterdir() if p.name.startswith("checkpoint"))
+
+
+def flat(row):
+    """The numbers of a log row (lists flattened), without the wall-clock time."""
+    return {f"{k}{i}": x for k, v in row.items() if k != "sec"
+            for i, x in enumerate(v if isinstance(v, list) else [v])}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Every method learns: the 16 problems repeat every 4 steps, so the loss must fall.
+
+CASES = {"vanilla": ("vanilla",), "dss": ("dss",), "mmi": ("mmi",), "molsaki": ("molsaki",),
+         "sl-last": ("molsaki", "--layer-map", "last"), "sl-2:1": ("molsaki", "--layer-map", "2:1")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_method_learns(case, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    method, *extra = CASES[case]
+    train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, method, *extra))
+    rows = read_log(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert all(math.isfinite(x) for r in rows for x in flat(r).values())
+    first, last = (sum(r["loss"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+    assert last < 0.85 * first, (first, last)
+
+    keys = {"vanilla": set(), "dss": {"exp", "att", "mmi"}, "mmi": {"exp", "att", "mmi"},
+            "molsaki": {"exp", "att", "mmi", "p_s", "p_t", "no_words"}}[method]
+    assert set(rows[0]) == {"step", "lr", "sec", "loss", "pre"} | keys
+    beta = {"mmi": 0.1, "molsaki": 1.0}.get(method, 0.0)
+    for r in rows:  # Eq. 7 recomputed from the logged parts, with each method's default beta
+        if method == "vanilla":
+            assert r["loss"] == r["pre"]
+        else:
+            assert r["loss"] == pytest.approx(0.5 * r["pre"] + 0.5 * r["exp"] + beta * (r["att"] + r["mmi"]),
+                                              rel=1e-5)
+            assert (r["mmi"] > 0) == (method == "mmi") and (r["att"] > 0) == (method == "molsaki")
+    if method == "molsaki":  # both tiny models have 3 layers; every built-in problem has numbers
+        assert all(r["no_words"] == 0 for r in rows)
+        for r in rows:
+            assert len(r["p_s"]) == len(r["p_t"]) == 3
+            assert sum(r["p_s"]) == pytest.approx(1, abs=1e-5) and sum(r["p_t"]) == pytest.approx(1, abs=1e-5)
+        one_hot = {"last": ([0, 0, 1], [0, 0, 1]), "2:1": ([0, 1, 0], [1, 0, 0])}  # (teacher, student)
+        if extra:
+            assert all((r["p_t"], r["p_s"]) == one_hot[extra[1]] for r in rows)
+    assert state(tmp_path)["step"] == 30 and checkpoints(tmp_path) == ["checkpoint"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Where L_att sends gradients.
+
+
+def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_TEACHER", {})
+    args = train.parse_args(["--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--n-train", "4",
+                             "--method", "molsaki", "--out", str(tmp_path)])
+    args.out.mkdir(parents=True, exist_ok=True)
+    examples = train.training_examples(args)
+    teacher, _ = train._teacher(args)  # the object teacher_cache runs
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cache = train.teacher_cache(args, examples)
+    student, tok = models.load_model(tiny_student_dir, attn_implementation=attention.ATTN)
+    feats = train.features(args, examples, tok, cache, student.config.num_hidden_layers)
+    torch.manual_seed(0)
+    router = mol.StudentRouter(train._value_dim(student.config), args.tau2)
+    with torch.no_grad():  # the router's sum over ~60 tokens saturates its softmax at init (grads ~1e-10);
+        router.proj.weight.mul_(0.01)  # a smaller w keeps p_s inside the softmax so the gradient is clear
+    batch = train.collate(feats, tok.pad_token_id)
+    out = train.step_losses(args, student, router, batch, feats, torch.device("cpu"))
+    assert out["att"] > 0 and out["no_words"] == 0
+    out["att"].backward()
+
+    grad = {n: p.grad for n, p in student.named_parameters()}
+    assert router.norm.weight.grad.ne(0).all() and router.proj.weight.grad.ne(0).all()
+    for i in range(student.config.num_hidden_layers):
+        for proj in ("q_proj", "k_proj"):
+            assert grad[f"model.layers.{i}.self_attn.{proj}.weight"].abs().max() > 0
+    # Nothing after the last layer's attention scores can change L_att: no gradient there.
+    last = student.config.num_hidden_layers - 1
+    for name in ("lm_head.weight", "model.norm.weight", f"model.layers.{last}.self_attn.o_proj.weight",
+                 f"model.layers.{last}.mlp.down_proj.weight"):
+        assert grad[name] is None, name
+    # The teacher: no gradient, no change, and its cached target is a constant.
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not any(f["A_t"].requires_grad for f in feats)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Resume: Ctrl-C at the start of step 5, then --resume, gives the losses of an uninterrupted run.
+
+
+def test_resume_matches_uninterrupted(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(argv(tiny_teacher_dir, tiny_student_dir, a, "molsaki", "--save-every", "4", steps=8))
+
+    batch_indices = train.batch_indices
+
+    def interrupt_at_step_5(step, *rest):
+        if step == 4:
+            raise KeyboardInterrupt
+        return batch_indices(step, *rest)
+
+    monkeypatch.setattr(train, "batch_indices", interrupt_at_step_5)
+    # --save-every 3: step 4 reaches the disk only through the Ctrl-C save.
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv(tiny_teacher_dir, tiny_student_dir, b, "molsaki", "--save-every", "3", steps=8))
+    assert stop.value.code == 130 and state(b)["step"] == 4
+    assert [r["step"] for r in read_log(b)] == [1, 2, 3, 4]
+    monkeypatch.setattr(train, "batch_indices", batch_indices)
+    train.main(argv(tiny_teacher_dir, tiny_student_dir, b, "molsaki", "--save-every", "3", "--resume", steps=8))
+
+    rows_a, rows_b = read_log(a), read_log(b)
+    assert [r["step"] for r in rows_b] == list(range(1, 9))
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        fa, fb = flat(ra), flat(rb)
+        assert fa.keys() == fb.keys()
+        assert all(abs(fa[k] - fb[k]) <= 1e-6 for k in fa), (ra, rb)
+    wa, wb = load_file(a / "checkpoint" / "model.safetensors"), load_file(b / "checkpoint" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    ra, rb = state(a)["router"], state(b)["router"]
+    assert all(torch.allclose(ra[k], rb[k], rtol=0, atol=1e-6) for k in ra)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A non-finite loss stops the run and names the step and the batch; the last save stays.
+
+
+def test_nan_loss_stops_at_last_good_checkpoint(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    total_loss, calls = losses.total_loss, []
+
+    def nan_at_step_3(*a, **k):
+        calls.append(1)
+        loss = total_loss(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(losses, "total_loss", nan_at_step_3)
+    with pytest.raises(FloatingPointError) as err:
+        train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "dss", "--save-every", "2", steps=6))
+    ids = [problems.make_problems(16, seed=0)[i]["id"] for i in train.batch_indices(2, 16, 4, 0)]
+    assert "step 3" in str(err.value) and str(ids) in str(err.value)
+    assert state(tmp_path)["step"] == 2 and checkpoints(tmp_path) == ["checkpoint"]
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Atomic checkpoints: one folder after a save; a crash between the two renames is recoverable.
+
+
+def test_atomic_checkpoint_and_old_fallback(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    out = tmp_path / "run"
+
+    def run(steps, *extra):
+        train.main(argv(tiny_teacher_dir, tiny_student_dir, out, "dss", "--save-every", "1", *extra, steps=steps))
+
+    run(2)
+    assert checkpoints(out) == ["checkpoint"] and state(out)["step"] == 2
+    shutil.copytree(out / "checkpoint", tmp_path / "step2")
+    # Crash after `checkpoint` became `.old`, with a half-written `.tmp`: resume uses `.old`.
+    os.replace(out / "checkpoint", out / "checkpoint.old")
+    (out / "checkpoint.tmp").mkdir()
+    (out / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half")
+    run(3, "--resume")
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    assert checkpoints(out) == ["checkpoint"] and state(out)["step"] == 3
+    # Crash after the new `checkpoint` was in place but before `.old` was removed: resume uses the new one,
+    # and the next save replaces the stale `.old`.
+    shutil.copytree(tmp_path / "step2", out / "checkpoint.old")
+    run(4, "--resume")
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+    assert checkpoints(out) == ["checkpoint"] and state(out)["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Data parallel: two gloo processes x 1 micro-batch == one process x 2 micro-batches.
+
+
+def test_two_processes_match_one(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--save-every", "100")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *argv(tiny_teacher_dir, tiny_student_dir, two, "molsaki", *common, "--grad-accum", "1", steps=3)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train.main(argv(tiny_teacher_dir, tiny_student_dir, one, "molsaki", *common, "--grad-accum", "2", steps=3))
+
+    rows_1, rows_2 = read_log(one), read_log(two)
+    assert [r["step"] for r in rows_2] == [1, 2, 3]
+    for r1, r2 in zip(rows_1, rows_2, strict=True):
+        f1, f2 = flat(r1), flat(r2)
+        assert f1.keys() == f2.keys()
+        assert all(abs(f1[k] - f2[k]) <= 1e-5 for k in f1), (r1, r2)
+    # The sharded teacher cache holds every item, equal to the one built by a single process.
+    c1, c2 = torch.load(one / "teacher_cache.pt"), torch.load(two / "teacher_cache.pt")
+    assert c1["items"].keys() == c2["items"].keys()
+    for k, item in c1["items"].items():
+        assert item["step_ids"] == c2["items"][k]["step_ids"] and item["word_ids"] == c2["items"][k]["word_ids"]
+        assert torch.allclose(item["A"], c2["items"][k]["A"], rtol=0, atol=1e-5)
+    w0 = load_file(Path(tiny_student_dir) / "model.safetensors")
+    w1, w2 = load_file(one / "checkpoint" / "model.safetensors"), load_file(two / "checkpoint" / "model.safetensors")
+    assert max((w1[k] - w0[k]).abs().max() for k in w0) > 1e-3  # it did train
+    assert all(torch.allclose(w1[k], w2[k], rtol=0, atol=1e-5) for k in w1)
+    s1, s2 = state(one)["router"], state(two)["router"]
+    assert all(torch.allclose(s1[k], s2[k], rtol=0, atol=1e-5) for k in s1)
