@@ -291,6 +291,15 @@ def batch_indices(step, n, batch_size, seed):
     return out
 
 
+def _open_log(path, step):
+    """The step log, for appending after `step`: rows of later steps (a crash after the checkpoint, or an
+    earlier run in the same --out when starting over) are dropped."""
+    rows = path.read_text().splitlines() if path.exists() else []
+    kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in kept))
+    return open(path, "a")
+
+
 def save_checkpoint(args, step, student, tok, router, opt, sched):
     """Write --out/checkpoint atomically: a crash mid-write leaves the previous one intact."""
     final, tmp, old = args.out / "checkpoint", args.out / "checkpoint.tmp", args.out / "checkpoint.old"
@@ -360,7 +369,7 @@ def train(args):
     micro = args.batch_size // (world * args.grad_accum)
     if micro * world * args.grad_accum != args.batch_size:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum")
-    log = open(args.out / "log.jsonl", "a") if rank == 0 else None
+    log = _open_log(args.out / "log.jsonl", step) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=step, desc=args.method, disable=rank != 0)
     row = {}
     try:
@@ -425,6 +434,9 @@ def main(argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     print(f"[train] run directory: {args.out}")
+    if args.data == "builtin":
+        print("[train] the paper's setting on real data: python train.py --data svamp --data-dir ../shared/data "
+              "--rationales palm --teacher meta-llama/Meta-Llama-3-8B --student gpt2-large")
     return row
 
 

@@ -256,3 +256,20 @@ def test_two_processes_match_one(tiny_teacher_dir, tiny_student_dir, tmp_path):
     assert all(torch.allclose(w1[k], w2[k], rtol=0, atol=1e-5) for k in w1)
     s1, s2 = state(one)["router"], state(two)["router"]
     assert all(torch.allclose(s1[k], s2[k], rtol=0, atol=1e-5) for k in s1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The step log holds one row per step: a fresh run in the same --out starts it over, and --resume
+#    drops rows written after the checkpoint it resumes from.
+
+
+def test_log_rows_match_the_training_that_happened(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    args = argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "dss", "--save-every", "2", steps=4)
+    train.main(args)
+    train.main(args)  # asked again: trains again, the log is not doubled
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    with open(tmp_path / "log.jsonl", "a") as f:  # a crash after a row the checkpoint never saw
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
+    train.main([*args, "--resume", "--max-steps", "6"])
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert read_log(tmp_path)[4]["loss"] != 0.0
