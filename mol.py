@@ -14,6 +14,10 @@ Choices the paper leaves open (SPEC section 5):
 - The router sums the normalised value vectors over the real (mask = 1) tokens only, as Eq. 5 writes a
   sum (not a mean). It runs in float32 with autocast off, whatever dtype the values arrive in, and its
   parameters are meant to stay float32.
+- The router's `proj` starts at zero, so p_s starts uniform. Eq. 5 sums (not averages) over ~100 tokens,
+  so with PyTorch's default init the logits differ by hundreds and p_s is one-hot from the first step, with
+  gradients ~1e-10: the router could never learn. From zero, p_s moves away from uniform as training goes
+  (on SmolLM2: max weight 0.03 -> 0.24 in 12 steps at lr 1e-4).
 - Leading batch dimensions are accepted everywhere: A [B, L, S, W], values [B, L, N, d], mask [B, N].
 """
 
@@ -53,6 +57,8 @@ class StudentRouter(nn.Module):
         self.tau2 = tau2
         self.norm = nn.RMSNorm(dim, eps=1e-6)  # one norm over d, shared by all layers
         self.proj = nn.Linear(dim, 1)  # w: d -> 1, with bias b
+        nn.init.zeros_(self.proj.weight)  # p_s starts uniform: every layer takes part (see the module docstring)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, values: Tensor, mask: Tensor | None = None) -> Tensor:
         # values: [..., L, N, d], mask: [..., N] with 1 = real token, 0 = padding

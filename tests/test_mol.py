@@ -102,9 +102,19 @@ def brute_router(router, values, mask=None):
 def make_router(d, tau2=0.5, seed=0):
     torch.manual_seed(seed)
     router = StudentRouter(d, tau2=tau2)
-    with torch.no_grad():  # a non-trivial norm weight, so that it is really used
+    with torch.no_grad():  # non-trivial weights (as after training), so that all of Eq. 5 is really used
         router.norm.weight.uniform_(0.5, 1.5)
+        router.proj.weight.normal_(0.0, 0.5)
+        router.proj.bias.fill_(0.3)
     return router
+
+
+def test_fresh_router_is_uniform_and_learns():
+    router = StudentRouter(6)
+    values = torch.randn(5, 40, 6) * 3 + 1  # large, correlated sums over 40 tokens
+    torch.testing.assert_close(router(values), torch.full((5,), 0.2))
+    (router(values) * torch.arange(5.0)).sum().backward()
+    assert router.proj.weight.grad.abs().sum() > 0  # the gradient that moves p_s away from uniform
 
 
 def test_router_matches_brute_force():
