@@ -7,11 +7,14 @@ For one layer with post-softmax attention probabilities P[h, i, j] (SPEC §4):
 Public functions
 - `stepwise_attention(probs, steps, words)`: the definition, for one example and one layer.
 - `stepwise_from_attentions(attentions, groups)`: the naive route, from eager `output_attentions`.
+- `stepwise_from_attentions_batched(attentions, groups)`: the same with membership matmuls (the benchmark's
+  naive route): rows [B, S, N] @ mean_h P [B, N, N] @ word membership [B, N, W].
 - `capture(model, groups, values=False)`: the fast route for a whole batch during one ordinary
-  forward pass. The layer output still comes from SDPA; A is computed from the query and key the
-  attention function receives, touching only the critical columns plus one row-wise log-sum-exp
-  that is never materialised as [B, H, N, N]. It also records each layer's value states, the
-  input of the student router (Eq. 5).
+  forward pass. The layer output still comes from SDPA; A comes from a second SDPA call on the query
+  and key the attention function receives, with the word membership [B, N, W] as the values, so that
+  its output is sum_{j in word w} P[h, i, j] and no [B, H, N, N] tensor ever exists. That call is
+  recomputed in backward instead of kept. It also records each layer's value states, the input of
+  the student router (Eq. 5).
 - `enable_capture(model)`: switch a loaded model to the capturing attention ("molsaki").
 
 Token groups (`steps`, `words`) are lists of token positions, one list per step / critical word,
@@ -21,13 +24,13 @@ as `spans.encode` gives them; in a padded batch they must be positions in the pa
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 ATTN = "molsaki"
 _ACTIVE = None  # the Capture of the forward pass in progress, if any
-_CHUNK = 1 << 22  # elements of the [B, H, rows, N] logits block held at once by the log-sum-exp
 
 
 def stepwise_attention(probs, steps, words):
@@ -46,58 +49,74 @@ def stepwise_from_attentions(attentions, groups):
             for b, (steps, words) in enumerate(groups)]
 
 
+def stepwise_from_attentions_batched(attentions, groups):
+    """`stepwise_from_attentions` for the whole batch at once: per layer rows @ mean_h P @ word membership."""
+    dtype = torch.promote_types(attentions[0].dtype, torch.float32)
+    rows, member = _membership(groups, attentions[0].shape[-1], dtype, attentions[0].device)  # [B, S, N], [B, N, W]
+    A = torch.stack([rows @ P.mean(1).to(dtype) @ member for P in attentions], 1)  # [B, L, S, W]
+    return [A[b, :, :len(steps), :len(words)] for b, (steps, words) in enumerate(groups)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Fast route: a registered attention function that computes A next to SDPA.
 
 
-class _LogSumExp(torch.autograd.Function):
-    """Row-wise log-sum-exp of the masked attention logits, [B, H, N], computed and differentiated
-    in blocks of rows, so that only a [B, H, rows, N] block of logits exists at any time."""
+def _word_attention(q, k, member, mask, scaling):
+    """[B, H, N, W]: per head and query row, the attention on each critical word, sum_{j in word w} P[h, i, j].
+
+    It is SDPA with the word membership [B, N, W] as the values. SDPA's fused kernels want one head size
+    for query, key and value, so all three are zero-padded to max(D, W rounded up to 8): zero columns
+    change neither the logits nor the sums."""
+    B, H, N, D = q.shape
+    W = member.shape[-1]
+    size = max(D, W + -W % 8)
+    k = repeat_kv(k, H // k.shape[1])  # GQA: repeat keys
+    if size > D:
+        q, k = F.pad(q, (0, size - D)), F.pad(k, (0, size - D))
+    v = F.pad(member, (0, size - W))[:, None].expand(B, H, N, size)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)[..., :W]
+
+
+class _WordAttention(torch.autograd.Function):
+    """`_word_attention`, recomputed in backward instead of kept: autograd holds its inputs (the query and
+    mask are held by the layer's own SDPA anyway), never a [B, H, N, W] or [B, H, N, N] tensor."""
 
     @staticmethod
-    def forward(ctx, q, k, mask, scaling):
-        lse = torch.cat([torch.logsumexp(_logits(q, k, mask, scaling, r), -1) for r in _row_blocks(q)], -1)
-        ctx.save_for_backward(q, k, mask, lse)
+    def forward(ctx, q, k, member, mask, scaling):
+        ctx.save_for_backward(q, k, member, mask)
         ctx.scaling = scaling
-        return lse  # [B, H, N]
+        return _word_attention(q, k, member, mask, scaling)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, mask, lse = ctx.saved_tensors
-        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-        for r in _row_blocks(q):
-            p = torch.exp(_logits(q, k, mask, ctx.scaling, r) - lse[:, :, r, None])  # [B, H, R, N]
-            g = p * grad[:, :, r, None]
-            dq[:, :, r] = g @ k * ctx.scaling
-            dk += g.transpose(-1, -2) @ q[:, :, r] * ctx.scaling
-        return dq, dk, None, None
+        q, k, member, mask = ctx.saved_tensors
+        with torch.enable_grad():
+            q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+            dq, dk = torch.autograd.grad(_word_attention(q, k, member, mask, ctx.scaling), (q, k), grad)
+        return dq, dk, None, None, None
 
 
-def _row_blocks(q):
-    B, H, N, _ = q.shape
-    rows = max(1, _CHUNK // (B * H * N))
-    return [slice(i, min(i + rows, N)) for i in range(0, N, rows)]
-
-
-def _logits(q, k, mask, scaling, r):
-    return q[:, :, r] @ k.transpose(-1, -2) * scaling + mask[:, :, r]  # [B, H, R, N]
-
-
-def layer_stepwise(query, key, mask, scaling, rows, cols, colw):
+def layer_stepwise(query, key, mask, scaling, rows, member):
     """A for one layer and the whole batch, from post-RoPE query [B, H, N, D] and key [B, H_kv, N, D].
 
-    mask [B, 1, N, N] additive; rows [B, S, N] step membership; cols [B, C] critical token positions;
-    colw [B, C, W] word membership of those columns. Returns [B, S, W].
+    mask [B, 1, N, N] additive; rows [B, S, N] step membership; member [B, N, W] word membership.
+    Returns [B, S, W].
     """
-    q, k = query.float(), repeat_kv(key, query.shape[1] // key.shape[1]).float()  # GQA: repeat keys
-    mask = mask.float()
-    B, H, N, D = q.shape
-    C = cols.shape[1]
-    lse = _LogSumExp.apply(q, k, mask, scaling)  # [B, H, N]
-    kc = k.gather(2, cols[:, None, :, None].expand(B, H, C, D))  # [B, H, C, D]
-    mc = mask.gather(3, cols[:, None, None, :].expand(B, 1, N, C))  # [B, 1, N, C]
-    probs = torch.exp(q @ kc.transpose(-1, -2) * scaling + mc - lse[..., None])  # [B, H, N, C] = P[..., cols]
-    return rows @ probs.mean(1) @ colw  # [B, S, N] @ [B, N, C] @ [B, C, W] -> [B, S, W]
+    words = _WordAttention.apply(query.float(), key.float(), member, mask.float(), scaling)  # [B, H, N, W]
+    return rows @ words.mean(1)  # [B, S, N] @ [B, N, W] -> [B, S, W]
+
+
+def _membership(groups, n, dtype, device):
+    """Membership matrices of a padded batch: rows [B, S, N] (steps) and member [B, N, W] (critical words)."""
+    B = len(groups)
+    rows = torch.zeros(B, max(len(s) for s, _ in groups), n, dtype=dtype, device=device)
+    member = torch.zeros(B, n, max(len(w) for _, w in groups), dtype=dtype, device=device)
+    for b, (steps, words) in enumerate(groups):
+        for s, tokens in enumerate(steps):
+            rows[b, s, tokens] = 1.0
+        for w, tokens in enumerate(words):
+            member[b, tokens, w] = 1.0
+    return rows, member
 
 
 class Capture:
@@ -109,28 +128,12 @@ class Capture:
         self.layers, self.values = {}, {}
         self.rows = None
 
-    def _index(self, n, device):
-        """Membership tensors of the batch: rows [B, S, N], cols [B, C], colw [B, C, W]."""
-        B, S, W = len(self.groups), max(s for s, _ in self.sizes), max(w for _, w in self.sizes)
-        C = max(1, max(sum(len(t) for t in words) for _, words in self.groups))
-        self.rows = torch.zeros(B, S, n, device=device)
-        self.cols = torch.zeros(B, C, dtype=torch.long, device=device)
-        self.colw = torch.zeros(B, C, W, device=device)
-        for b, (steps, words) in enumerate(self.groups):
-            for s, tokens in enumerate(steps):
-                self.rows[b, s, tokens] = 1.0
-            c = 0
-            for w, tokens in enumerate(words):
-                self.cols[b, c:c + len(tokens)] = torch.tensor(tokens, device=device)
-                self.colw[b, c:c + len(tokens), w] = 1.0
-                c += len(tokens)
-
     def record(self, module, query, key, value, mask, scaling):
         if mask is None or mask.dtype == torch.bool:
             raise RuntimeError(f"attention '{ATTN}' needs the additive eager mask; use enable_capture(model)")
         if self.rows is None:
-            self._index(query.shape[2], query.device)
-        self.layers[module.layer_idx] = layer_stepwise(query, key, mask, scaling, self.rows, self.cols, self.colw)
+            self.rows, self.member = _membership(self.groups, query.shape[2], torch.float32, query.device)
+        self.layers[module.layer_idx] = layer_stepwise(query, key, mask, scaling, self.rows, self.member)
         if self.keep_values:
             B, _, N, _ = value.shape
             self.values[module.layer_idx] = value.transpose(1, 2).reshape(B, N, -1)  # [B, N, H_kv * D]

@@ -38,18 +38,6 @@ def test_stepwise_attention_hand_example():
     assert stepwise_attention(P, [], [[0]]).shape == (0, 1)
 
 
-def test_logsumexp_blocks_and_gradient(monkeypatch):
-    monkeypatch.setattr(attention, "_CHUNK", 2 * 3 * 7 * 2)  # force blocks of 2 rows
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    mask = torch.zeros(2, 1, 7, 7, dtype=torch.float64)
-    mask[:, :, torch.triu_indices(7, 7, 1)[0], torch.triu_indices(7, 7, 1)[1]] = torch.finfo(torch.float64).min
-    lse = attention._LogSumExp.apply(q, k, mask, 0.5)
-    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) * 0.5 + mask, -1))
-    assert torch.autograd.gradcheck(lambda a, b: attention._LogSumExp.apply(a, b, mask, 0.5), (q, k))
-
-
 def make_batch(lengths, pad_side, vocab, seed):
     """Token ids, attention mask and random step/word groups (positions in the padded rows)."""
     rnd = random.Random(seed)
@@ -140,3 +128,17 @@ def test_capture_requires_the_registered_attention():
     with pytest.raises(ValueError, match="enable_capture"):
         with capture(model, [([[0]], [[0]])]):
             pass
+
+
+def test_stepwise_from_attentions_batched_equals_per_example():
+    g = torch.Generator().manual_seed(7)
+    attentions = [torch.rand(3, 2, 10, 10, generator=g, dtype=torch.float64).softmax(-1) for _ in range(4)]
+    groups = [([[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]], [[1], [4, 5], [5, 6], [9]]),  # token 5 in two words
+              ([[2, 3]], [[0, 1]]),
+              ([[1, 2], [5, 9]], [])]  # no word: [L, 2, 0]
+    batched = attention.stepwise_from_attentions_batched(attentions, groups)
+    for A_b, A_e, (steps, words) in zip(batched, stepwise_from_attentions(attentions, groups), groups, strict=True):
+        assert A_b.shape == (4, len(steps), len(words)) and A_b.dtype == torch.float64
+        torch.testing.assert_close(A_b, A_e)
+    for layer, P in enumerate(attentions):  # and against the brute-force loop
+        torch.testing.assert_close(batched[0][layer], brute_force(P[0], *groups[0]))

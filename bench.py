@@ -1,0 +1,601 @@
+"""Benchmark: what the attention loss (Eq. 2, 3, 6) costs next to DSS, and what the teacher cache saves.
+
+    python bench.py                  # smollm2-135m student, gemma3-270m teacher, batch 4, N = 512
+    python bench.py --quick          # tiny random models, under a minute on 2 CPU cores
+
+No paper equation lives here; it measures the routes of attention.py (SPEC §4) inside the real training
+step of train.py. Every configuration runs in its own process, so that its peak memory is its own: a fresh
+fork of a server process that has only imported the modules (importing torch and transformers takes 3-7 s,
+more than a --quick configuration). `python bench.py --one '<json>'` runs one configuration in the current
+process and prints its JSON (for profiling). Three sections, one markdown table each on stdout, all numbers in
+`--out/bench.json` (and the tables in `--out/bench.md`):
+
+- train: one optimizer step (`train.step_losses`: the pre and exp passes, losses, backward, clipping,
+  AdamW) of `dss` (SDPA), `molsaki` through the fast capture, and `molsaki` through eager
+  `output_attentions` (the naive route), same student and batch, as ratios to dss.
+- capture: forward + backward of the student alone (batch 1, `logits_to_keep=1`) for N in `--lengths`:
+  plain SDPA, the capture (loss sum(A * w)), eager attention (the same loss).
+- teacher: examples per second of `data.build_attention_cache`, and teacher forward passes per training
+  example counted by a forward pre-hook, against recomputing the teacher at every step.
+
+Memory. CUDA: `torch.cuda.max_memory_allocated` after a reset at the end of warm-up. CPU: the peak RSS of
+the timed steps (VmHWM, reset at the end of warm-up through /proc/self/clear_refs), and the raw
+`ru_maxrss` of the whole process. `work` = that peak minus the memory right after the model, batch and
+optimizer were made (so it counts gradients, optimizer state, activations and allocator slack, not the
+weights and libraries); ratios to dss use `work`. `saved` is exact and allocator-free: the bytes of the
+distinct tensors autograd keeps for backward during one step (saved-tensor hooks, parameters excluded).
+
+The synthetic batch: built-in problems (`problems.make_problems`), the first one's question and the
+rationales of as many problems as it takes for the exp text to reach N tokens, with its real steps and
+numbers (`spans`); the pre task is that question and its answer. The teacher target A_t is random (the
+teacher is cached, not part of a step). The naive route gets the router's value states from forward
+hooks on each layer's `v_proj` (uniform p_s for a model without one).
+
+Public functions: `parse_args`, `configs`, `run_one`, `naive_step_losses`, `long_examples`, `tables`, `main`.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as tok_models
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
+
+import attention
+import data
+import losses
+import models
+import mol
+import problems
+import spans
+import train
+
+DEFAULTS = {  # the issue's setting, and --quick: tiny random models
+    "full": {"model": "smollm2-135m", "teacher": "gemma3-270m", "batch_size": 4, "seq_len": 512, "steps": 5,
+             "warmup": 2, "lengths": "128,256,512,1024,2048", "cache_examples": 64, "teacher_batch_size": 8,
+             "threads": 0},
+    "quick": {"model": "tiny-llama", "teacher": "tiny-gemma3", "batch_size": 2, "seq_len": 256, "steps": 2,
+              "warmup": 1, "lengths": "128,256", "cache_examples": 8, "teacher_batch_size": 4, "threads": 1},
+}
+TARGETS = {"time": 1.10, "memory": 1.10, "capture_memory": 8.0, "teacher_passes": 1.0}
+SVAMP_TRAIN = 800  # the paper's schedule: 4000 steps x batch 16 over the 800 SVAMP training items
+TEACHER_LAYERS = 18  # A_t's layers before mixing (gemma3-270m); only its mixed [S, W] enters a step
+TRAIN_ROUTES = {"dss": "sdpa", "molsaki": attention.ATTN, "naive": "eager"}
+CAPTURE_ROUTES = {"sdpa": "sdpa", "capture": attention.ATTN, "eager": "eager"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--quick", action="store_true", help="tiny random models and small sizes (None below = its values)")
+    a("--model", default=None, help="student: hub id, folder, packaged name or tiny-llama; None = smollm2-135m")
+    a("--teacher", default=None, help="teacher of the cache pass, or tiny-gemma3; None = gemma3-270m")
+    a("--batch-size", type=int, default=None, help="training batch; None = 4")
+    a("--seq-len", type=int, default=None, help="tokens of each exp text in the training step; None = 512")
+    a("--steps", type=int, default=None, help="timed steps per configuration (the median is reported); None = 5")
+    a("--warmup", type=int, default=None, help="untimed steps first; None = 2")
+    a("--lengths", default=None, help="comma-separated N of the capture section; None = 128,...,2048")
+    a("--cache-examples", type=int, default=None, help="built-in problems through the teacher cache; None = 64")
+    a("--teacher-batch-size", type=int, default=None, help="batch of the cache pass; None = 8")
+    a("--threads", type=int, default=None, help="torch threads in each child, 0 = torch's default; None = 0 "
+      "(--quick: 1, since tiny ops on a busy machine only wait for each other's threads)")
+    a("--sections", default="train,capture,teacher", help="which sections to run, comma-separated")
+    a("--out", default="runs/bench", help="run directory for bench.json and bench.md")
+    a("--one", default=None, help="internal: run one configuration (JSON) in this process, print its result")
+    args = p.parse_args(argv)
+    for k, v in DEFAULTS["quick" if args.quick else "full"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.lengths = [int(n) for n in str(args.lengths).split(",")]
+    args.sections = args.sections.split(",")
+    if not set(args.sections) <= {"train", "capture", "teacher"}:
+        p.error(f"--sections: choose among train, capture, teacher, got {args.sections}")
+    args.out = Path(args.out)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the packaged / hub ones through models.load_model, and two tiny random ones for --quick.
+
+
+def byte_tokenizer():
+    """A fast byte-level tokenizer with no merges: one token per byte (256) and <|endoftext|> (eos, pad)."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_config(name):
+    common = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  max_position_embeddings=4096, eos_token_id=256, pad_token_id=256, bos_token_id=256)
+    if name == "tiny-llama":
+        return LlamaConfig(**common, num_hidden_layers=4, num_key_value_heads=2)
+    if name == "tiny-gemma3":
+        return Gemma3TextConfig(**common, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+                                sliding_window=64, layer_types=["sliding_attention"] * 2 + ["full_attention"])
+    return None
+
+
+def load(name, attn):
+    config = tiny_config(name)
+    if config is None:
+        return models.load_model(name, attn_implementation=attn)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn), byte_tokenizer()
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic batch.
+
+
+def long_examples(tok, n_examples, n_tokens, seed=0):
+    """`{id, question, answer, rationale}`: a built-in problem's question and answer, and the rationales of
+    consecutive problems until `data.EXP_PROMPT` + question + rationale has at least n_tokens tokens."""
+    pool = problems.make_problems(400, seed=seed)
+    out, i = [], 0
+    for b in range(n_examples):
+        first, parts = pool[i % len(pool)], []
+        head = data.EXP_PROMPT.format(question=first["question"]) + " "
+        while len(tok(head + " ".join(parts))["input_ids"]) < n_tokens:
+            parts.append(pool[i % len(pool)]["rationale"])
+            i += 1
+        out.append({"id": f"bench-{b}", "question": first["question"], "answer": first["answer"],
+                    "rationale": " ".join(parts)})
+    return out
+
+
+def fake_cache(tok, examples, max_length, seed=0):
+    """A teacher cache in data.build_attention_cache's format with a random A_t [L1, S, W] per example, on
+    every step and word that counts for this tokenizer (so the teacher keeps the student's sets)."""
+    g = torch.Generator().manual_seed(seed)
+    items = {}
+    for e in examples:
+        text, steps, words = spans.example_spans(e["question"], e["rationale"], data.EXP_PROMPT)
+        _, st, wt = spans.encode(tok, text, steps, words, max_length - 1)
+        items[e["id"]] = {"A": torch.rand(TEACHER_LAYERS, len(st), len(wt), generator=g),
+                          "step_ids": sorted(st), "word_ids": sorted(wt)}
+    return {"meta": {}, "items": items}
+
+
+def _groups(tok, example, n_tokens):
+    """(input_ids [1, N], [(steps, words)]) of one exp text, truncated to n_tokens."""
+    text, steps, words = spans.example_spans(example["question"], example["rationale"], data.EXP_PROMPT)
+    ids, st, wt = spans.encode(tok, text, steps, words, n_tokens)
+    return torch.tensor([ids]), [([st[k] for k in sorted(st)], [wt[k] for k in sorted(wt)])]
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive route: molsaki's step losses through eager output_attentions.
+
+
+def _value_projections(model):
+    return [m for name, m in model.named_modules() if name.endswith("self_attn.v_proj")]
+
+
+def naive_step_losses(args, student, router, batch, feats, device):
+    """train.step_losses of molsaki, with A from eager `output_attentions` and the router's values from
+    forward hooks on `v_proj` (router None: uniform p_s). Returns the total loss (Eq. 7)."""
+    t = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    values = {}
+    with autocast:
+        pre = student(t["pre_ids"], attention_mask=t["pre_mask"]).logits
+        l_pre = losses.target_cross_entropy(pre, t["pre_labels"])
+        hooks = [m.register_forward_hook(lambda m, i, o, k=k: values.__setitem__(k, o))
+                 for k, m in enumerate(_value_projections(student))] if router else []
+        try:
+            out = student(t["exp_ids"], attention_mask=t["exp_mask"], output_attentions=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        l_exp = losses.target_cross_entropy(out.logits, t["exp_labels"])
+    A_s = attention.stepwise_from_attentions_batched(out.attentions, [f["groups"] for f in feats])
+    L = len(out.attentions)
+    if router:
+        p_s = router(torch.stack([values[k] for k in range(L)], 1), t["exp_mask"])  # [B, L], Eq. 5
+    else:
+        p_s = torch.full((len(feats), L), 1.0 / L, device=device)
+    pairs = [(f["A_t"].to(device), mol.mix_layers(a, p)) for f, a, p in zip(feats, A_s, p_s, strict=True)]
+    l_att, _ = losses.attention_loss(pairs)
+    return losses.total_loss(l_pre, l_exp, l_att, args.alpha, args.beta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one configuration (inside its own process).
+
+
+def _rss(field):
+    """VmRSS / VmHWM of this process in bytes (None without /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith(field + ":"))
+    except OSError:
+        return None
+    return int(line.split()[1]) * 1024
+
+
+def _memory_now(device):
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss("VmRSS")
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def _peak(device):
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss("VmHWM")
+
+
+@contextmanager
+def saved_bytes(model):
+    """Counts the distinct storages autograd saves for backward inside the block, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(x):
+        s = x.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return x
+
+    box = {}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        yield box
+    box["bytes"] = sum(seen.values())
+
+
+def _measure(step, model, device, warmup, steps):
+    """Median time of `steps` calls of step() after `warmup`; memory as the module docstring says."""
+    with torch.no_grad():  # fault in weights that loading left lazily mapped, so that `base` holds them
+        sum(float(p.sum()) for p in model.parameters())
+    base = _memory_now(device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    _reset_peak(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = _peak(device)
+    with saved_bytes(model) as saved:
+        step(saved=True)
+    return {"sec": statistics.median(times), "times": times, "base": base, "peak": peak,
+            "work": None if peak is None else peak - base, "saved": saved["bytes"],
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(cfg, device):
+    """One optimizer step of dss / molsaki (fast capture) / naive (eager output_attentions)."""
+    route, N = cfg["route"], cfg["seq_len"]
+    student, tok = load(cfg["model"], TRAIN_ROUTES[route])
+    student.to(device).train()
+    method = "dss" if route == "dss" else "molsaki"
+    args = train.parse_args(["--method", method, "--max-length", str(N), "--student", cfg["model"]])
+    examples = long_examples(tok, cfg["batch_size"], N)
+    cache = fake_cache(tok, examples, N) if method == "molsaki" else None
+    feats = train.features(args, examples, tok, cache, student.config.num_hidden_layers)
+    batch = train.collate(feats, tok.pad_token_id)
+    router = None
+    if method == "molsaki" and (route == "molsaki" or _value_projections(student)):
+        router = mol.StudentRouter(train._value_dim(student.config), args.tau2).to(device)
+    params = list(student.parameters()) + (list(router.parameters()) if router else [])
+    opt = torch.optim.AdamW(params, lr=1e-6)
+
+    def step(saved=False):
+        if route == "naive":
+            loss = naive_step_losses(args, student, router, batch, feats, device)
+        else:
+            loss = train.step_losses(args, student, router, batch, feats, device)["loss"]
+        if saved:  # the saved-bytes pass: forward only, then free the graph
+            return
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = _measure(step, student, device, cfg["warmup"], cfg["steps"])
+    exp = batch["exp_mask"].sum(1).tolist()
+    out.update(exp_tokens=exp, pre_tokens=batch["pre_mask"].sum(1).tolist(),
+               router="value states (capture)" if route == "molsaki" else
+               "v_proj hooks" if router else "none (uniform p_s)" if route == "naive" else "none",
+               steps=[len(f.get("groups", ([], []))[0]) for f in feats],
+               words=[len(f.get("groups", ([], []))[1]) for f in feats])
+    return out
+
+
+def bench_capture(cfg, device):
+    """Forward + backward of the student alone, batch 1, N tokens: sdpa / capture / eager."""
+    route, N = cfg["route"], cfg["seq_len"]
+    model, tok = load(cfg["model"], CAPTURE_ROUTES[route])
+    model.to(device).train()
+    ids, groups = _groups(tok, long_examples(tok, 1, N)[0], N)
+    ids, mask = ids.to(device), torch.ones_like(ids, device=device)
+    S, W = len(groups[0][0]), len(groups[0][1])
+    w = torch.randn(model.config.num_hidden_layers, S, W, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step(saved=False):
+        if route == "sdpa":
+            loss = model(ids, attention_mask=mask, logits_to_keep=1).logits.float().sum()
+        elif route == "capture":
+            with attention.capture(model, groups) as cap:
+                model(ids, attention_mask=mask, logits_to_keep=1)
+            loss = (cap.stepwise()[0] * w).sum()
+        else:
+            out = model(ids, attention_mask=mask, logits_to_keep=1, output_attentions=True)
+            loss = (attention.stepwise_from_attentions_batched(out.attentions, groups)[0] * w).sum()
+        if not saved:
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    out = _measure(step, model, device, cfg["warmup"], cfg["steps"])
+    out.update(tokens=ids.shape[1], steps=S, words=W, critical_tokens=sum(len(t) for t in groups[0][1]))
+    return out
+
+
+def bench_teacher(cfg, device):
+    """The cache pass over built-in problems: time, and teacher forward calls counted by a pre-hook."""
+    model, tok = load(cfg["teacher"], attention.ATTN)
+    model.to(device).eval()
+    examples = problems.make_problems(cfg["cache_examples"], seed=0)
+    meta = {"delimiters": "."}
+    bs = cfg["teacher_batch_size"]
+    data.build_attention_cache(model, tok, examples[:bs], meta, cfg["max_length"], bs)  # warm-up
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(len(args[0] if args else kwargs["input_ids"])), with_kwargs=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    cache = data.build_attention_cache(model, tok, examples, meta, cfg["max_length"], bs)
+    _sync(device)
+    sec = time.perf_counter() - t0
+    hook.remove()
+    tokens = sum(len(tok(data.EXP_PROMPT.format(question=e["question"]) + " " + e["rationale"])["input_ids"])
+                 for e in examples)
+    paper = train.SCHEDULE["paper"]
+    return {"examples": len(examples), "cached": len(cache["items"]), "forward_calls": len(calls),
+            "examples_seen": sum(calls), "sec": sec, "examples_per_sec": len(examples) / sec,
+            "tokens_per_sec": tokens / sec, "passes_per_example": sum(calls) / len(examples),
+            "passes_per_example_no_cache": paper["max_steps"] * paper["batch_size"] / SVAMP_TRAIN,
+            "schedule": f"{paper['max_steps']} steps x {paper['batch_size']} / {SVAMP_TRAIN} SVAMP items"}
+
+
+def run_one(cfg):
+    """Run one configuration in this process and return its measurements (a JSON-able dict)."""
+    torch.manual_seed(0)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = _device()
+    fn = {"train": bench_train, "capture": bench_capture, "teacher": bench_teacher}[cfg["kind"]]
+    out = fn(cfg, device)
+    out.update(cfg, device=str(device), threads=torch.get_num_threads())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: one process per configuration, then the tables.
+
+
+def configs(args):
+    common = {"model": args.model, "warmup": args.warmup, "steps": args.steps, "threads": args.threads}
+    out = [dict(common, kind="train", route=r, batch_size=args.batch_size, seq_len=args.seq_len)
+           for r in TRAIN_ROUTES]
+    out += [dict(common, kind="capture", route=r, seq_len=n) for n in args.lengths for r in CAPTURE_ROUTES]
+    out.append({"kind": "teacher", "teacher": args.teacher, "threads": args.threads,
+                "cache_examples": args.cache_examples, "teacher_batch_size": args.teacher_batch_size,
+                "max_length": args.seq_len})
+    return [c for c in out if c["kind"] in args.sections]
+
+
+def _run_to_pipe(cfg, conn):
+    """Child process body: run one configuration, send its result (or the error) back; prints go to stderr."""
+    try:
+        with redirect_stdout(sys.stderr):
+            conn.send(run_one(cfg))
+    except Exception as e:  # reported in the table; a crash (out of memory) shows as a closed pipe
+        conn.send(dict(cfg, error=f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def _child(cfg):
+    """Run cfg in a fresh process forked from a server that has imported torch and transformers once."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["bench"])  # by name: the server would not import a "__main__" (CPython 3.11)
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_run_to_pipe, args=(cfg, send))
+    proc.start()
+    send.close()
+    try:
+        result = recv.recv()
+    except EOFError:
+        result = None
+    proc.join()
+    return result if result is not None else dict(cfg, error=f"process died (exit code {proc.exitcode})")
+
+
+def _mb(x):
+    return "-" if x is None else f"{x / 2**20:,.0f}"
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def _x(r):
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def summarize(results):
+    """Ratios and target checks from the raw per-configuration results."""
+    train_rows = {r["route"]: r for r in results if r["kind"] == "train"}
+    dss = train_rows.get("dss", {})
+    for r in train_rows.values():
+        r["sec_ratio"] = _ratio(r.get("sec"), dss.get("sec"))
+        r["work_ratio"] = _ratio(r.get("work"), dss.get("work"))
+        r["peak_ratio"] = _ratio(r.get("peak"), dss.get("peak"))
+        r["saved_ratio"] = _ratio(r.get("saved"), dss.get("saved"))
+    capture = []
+    for n in sorted({r["seq_len"] for r in results if r["kind"] == "capture"}):
+        by = {r["route"]: r for r in results if r["kind"] == "capture" and r["seq_len"] == n}
+        row = {"seq_len": n, "words": next((r["words"] for r in by.values() if "words" in r), None),
+               **{f"{m}_{k}": by.get(k, {}).get(m) for k in CAPTURE_ROUTES for m in ("sec", "saved", "work", "error")}}
+        base = row["saved_sdpa"]
+        for k in ("capture", "eager"):  # memory the route keeps beyond what plain SDPA keeps
+            row[f"extra_{k}"] = None if row[f"saved_{k}"] is None or base is None else row[f"saved_{k}"] - base
+        row["extra_ratio"] = _ratio(row["extra_eager"], row["extra_capture"])
+        row["saved_ratio"] = _ratio(row["saved_eager"], row["saved_capture"])
+        row["sec_ratio"] = _ratio(row["sec_eager"], row["sec_capture"])
+        capture.append(row)
+    teacher = next((r for r in results if r["kind"] == "teacher"), {})
+    mol_row = train_rows.get("molsaki", {})
+    largest = next((row for row in reversed(capture) if row["extra_ratio"] is not None), {})
+    targets = {
+        "time": {"value": mol_row.get("sec_ratio"), "target": f"<= {TARGETS['time']}"},
+        "memory": {"value": mol_row.get("work_ratio"), "target": f"<= {TARGETS['memory']}"},
+        "capture_memory": {"value": largest.get("extra_ratio"), "seq_len": largest.get("seq_len"),
+                           "target": f">= {TARGETS['capture_memory']}"},
+        "teacher_passes": {"value": teacher.get("passes_per_example"), "target": f"== {TARGETS['teacher_passes']}"},
+    }
+    for k, t in targets.items():
+        v = t["value"]
+        t["met"] = None if v is None else (v <= TARGETS[k] if k in ("time", "memory") else
+                                           v >= TARGETS[k] if k == "capture_memory" else v == TARGETS[k])
+    return {"train": list(train_rows.values()), "capture": capture, "teacher": teacher, "targets": targets}
+
+
+def _train_table(rows, args):
+    names = {"dss": "dss (SDPA)", "molsaki": "molsaki, fast capture", "naive": "molsaki, eager output_attentions"}
+    first = next((r for r in rows if "device" in r), {})
+    out = [f"## Training step: {args.model}, batch {args.batch_size}, N = {args.seq_len}, {first.get('device')}, "
+           f"{first.get('threads')} threads, median of {args.steps} steps after {args.warmup}", "",
+           "| route | step (s) | vs dss | work (MB) | vs dss | peak (MB) | vs dss | saved (MB) | vs dss | router |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {names[r['route']]} | failed: {r['error'][:100]} |||||||||")
+            continue
+        out.append(f"| {names[r['route']]} | {r['sec']:.3f} | {_x(r['sec_ratio'])} | {_mb(r['work'])} | "
+                   f"{_x(r['work_ratio'])} | {_mb(r['peak'])} | {_x(r['peak_ratio'])} | {_mb(r['saved'])} | "
+                   f"{_x(r['saved_ratio'])} | {r['router']} |")
+    words = next((r["words"] for r in rows if r.get("route") == "molsaki" and "words" in r), None)
+    return out + ["", f"Critical words per example: {words}. work: peak minus the memory once model, batch and "
+                  "optimizer are made (CPU: RSS; CUDA: allocated); peak: CPU VmHWM of the timed steps, CUDA "
+                  "max_memory_allocated; saved: what autograd keeps for backward in one step (exact).", ""]
+
+
+def _capture_table(rows, args):
+    out = [f"## The capture alone: forward + backward of {args.model}, batch 1, median of {args.steps} steps", "",
+           "| N | W | sdpa (s) | capture (s) | eager (s) | eager / capture | saved: sdpa (MB) | capture (MB) | "
+           "eager (MB) | extra: capture (MB) | eager (MB) | eager / capture |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sec = [("-" if r[f"sec_{k}"] is None else f"{r[f'sec_{k}']:.3f}") for k in CAPTURE_ROUTES]
+        out.append(f"| {r['seq_len']} | {r['words']} | {' | '.join(sec)} | {_x(r['sec_ratio'])} | "
+                   f"{_mb(r['saved_sdpa'])} | {_mb(r['saved_capture'])} | {_mb(r['saved_eager'])} | "
+                   f"{_mb(r['extra_capture'])} | {_mb(r['extra_eager'])} | {_x(r['extra_ratio'])} |")
+        errors = [f"{k}: {r[f'error_{k}'][:100]}" for k in CAPTURE_ROUTES if r[f"error_{k}"]]
+        if errors:
+            out.append(f"| {r['seq_len']} | failed: {'; '.join(errors)} |||||||||||")
+    return out + ["", "W: critical words. saved: what autograd keeps for backward; extra: saved beyond plain SDPA, "
+                  "the memory of the attention route itself.", ""]
+
+
+def _teacher_table(t, args):
+    out = [f"## Teacher side: {args.teacher}, {t.get('examples', '?')} built-in problems, batch "
+           f"{args.teacher_batch_size}", ""]
+    if "error" in t:
+        return out + [f"failed: {t['error']}", ""]
+    per = t["sec"] / t["examples"]
+    return out + [
+        "| | value |", "|---|---|",
+        f"| cache pass | {t['examples_per_sec']:.1f} examples/s, {t['tokens_per_sec']:,.0f} tokens/s |",
+        f"| teacher forward calls / examples seen by the teacher | {t['forward_calls']} / {t['examples_seen']} |",
+        f"| teacher passes per training example, with the cache | {t['passes_per_example']:g} |",
+        f"| same, recomputing the teacher every step ({t['schedule']}) | {t['passes_per_example_no_cache']:g} |",
+        f"| teacher seconds per training example, cache / recomputing | {per:.3f} / "
+        f"{per * t['passes_per_example_no_cache']:.2f} |", ""]
+
+
+def tables(summary, args):
+    """The markdown report of `summary`: one table per section that ran, then the targets."""
+    m = summary.get("machine", {})
+    out = [f"Load average before / after: {m.get('loadavg_before')} / {m.get('loadavg_after')}; "
+           f"OMP_NUM_THREADS={m.get('omp_num_threads')}", ""]
+    if summary["train"]:
+        out += _train_table(summary["train"], args)
+    if summary["capture"]:
+        out += _capture_table(summary["capture"], args)
+    if summary["teacher"]:
+        out += _teacher_table(summary["teacher"], args)
+    labels = {"time": "molsaki / dss step time", "memory": "molsaki / dss work memory",
+              "capture_memory": "eager / capture extra memory", "teacher_passes": "teacher passes per example"}
+    out += ["## Targets", "", "| target | value | met |", "|---|---|---|"]
+    for k, t in summary["targets"].items():
+        v = "-" if t["value"] is None else f"{t['value']:.3g}"
+        where = f" at N = {t['seq_len']}" if t.get("seq_len") else ""
+        met = "not run" if t["met"] is None else "yes" if t["met"] else "no"
+        out.append(f"| {labels[k]}{where} {t['target']} | {v} | {met} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return None
+    t0, load = time.time(), os.getloadavg()
+    results = []
+    for cfg in configs(args):
+        t1 = time.time()
+        results.append(_child(cfg))
+        print(f"[bench] {cfg['kind']} {cfg.get('route', '')} {cfg.get('seq_len', '')}: {time.time() - t1:.1f} s",
+              file=sys.stderr, flush=True)
+    summary = summarize(results)
+    machine = {"loadavg_before": [round(x, 2) for x in load], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+               "torch": torch.__version__, "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    summary.update(results=results, args={k: str(v) for k, v in vars(args).items()}, machine=machine,
+                   wall_sec=time.time() - t0)
+    report = tables(summary, args)
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "bench.md").write_text(report)
+    print(f"[bench] {time.time() - t0:.0f} s; wrote {args.out / 'bench.json'}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

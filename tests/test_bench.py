@@ -1,0 +1,114 @@
+"""Tests for bench.py: `--quick` end to end, the naive route computes the same loss and gradients as the
+fast one (so the benchmark compares like with like), the teacher is run once per example (counted by what
+its attention layers see), the memory meter against a hand count, and the synthetic batch's shape."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import attention
+import bench
+import mol
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for title in ("## Training step", "## The capture alone", "## Teacher side", "## Targets"):
+        assert title in proc.stdout
+    assert (tmp_path / "bench.md").read_text() in proc.stdout
+    out = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["route"] for r in out["train"]] == ["dss", "molsaki", "naive"]
+    for r in out["train"] + out["results"]:
+        assert "error" not in r, r
+    for r in out["train"]:
+        assert r["sec"] > 0 and r["saved"] > 0 and r["exp_tokens"] == [256, 256] and r["sec_ratio"] > 0
+    assert [r["seq_len"] for r in out["capture"]] == [128, 256]
+    for r in out["capture"]:
+        assert all(r[f"sec_{k}"] > 0 for k in ("sdpa", "capture", "eager"))
+        assert 0 < r["extra_capture"] < r["extra_eager"]  # the capture keeps less than eager attention
+    assert out["teacher"]["passes_per_example"] == 1.0 and out["teacher"]["examples_seen"] == 8
+    assert out["teacher"]["passes_per_example_no_cache"] == 80.0
+    assert out["targets"]["teacher_passes"]["met"] is True
+    assert set(out["targets"]) == {"time", "memory", "capture_memory", "teacher_passes"}
+
+
+def batch_for(student, tok, n_examples=3, n_tokens=96):
+    args = train.parse_args(["--method", "molsaki", "--max-length", str(n_tokens)])
+    examples = bench.long_examples(tok, n_examples, n_tokens)
+    feats = train.features(args, examples, tok, bench.fake_cache(tok, examples, n_tokens),
+                           student.config.num_hidden_layers)
+    return args, feats, train.collate(feats, tok.pad_token_id)
+
+
+def test_naive_route_equals_fast_route():
+    student, tok = bench.load("tiny-llama", attention.ATTN)
+    args, feats, batch = batch_for(student, tok)
+    torch.manual_seed(1)
+    router = mol.StudentRouter(train._value_dim(student.config), args.tau2)
+    device = torch.device("cpu")
+    params = list(student.parameters()) + list(router.parameters())
+
+    def loss_and_grads(fn):
+        for p in params:
+            p.grad = None
+        loss = fn(args, student, router, batch, feats, device)
+        loss = loss["loss"] if isinstance(loss, dict) else loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    fast, fast_grads = loss_and_grads(train.step_losses)
+    student.set_attn_implementation("eager")
+    naive, naive_grads = loss_and_grads(bench.naive_step_losses)
+    torch.testing.assert_close(naive, fast, atol=1e-5, rtol=0)
+    for g_n, g_f in zip(naive_grads, fast_grads, strict=True):
+        torch.testing.assert_close(g_n, g_f, atol=1e-4, rtol=0)
+    assert any(g.abs().sum() > 0 for g in naive_grads[-2:])  # the router is trained on both routes
+
+
+def test_teacher_runs_once_per_example(monkeypatch):
+    seen = []  # examples per call of the teacher's first attention layer: an independent count
+    record = attention.Capture.record
+
+    def counting(self, module, query, *rest):
+        if module.layer_idx == 0:
+            seen.append(query.shape[0])
+        return record(self, module, query, *rest)
+
+    monkeypatch.setattr(attention.Capture, "record", counting)
+    cfg = {"teacher": "tiny-gemma3", "cache_examples": 7, "teacher_batch_size": 3, "max_length": 128}
+    out = bench.bench_teacher(cfg, torch.device("cpu"))
+    warmup = seen[:1]  # bench times the pass after one warm-up batch
+    assert warmup == [3] and sum(seen[1:]) == 7 and len(seen[1:]) == math.ceil(7 / 3)
+    assert out["forward_calls"] == 3 and out["examples_seen"] == 7 and out["cached"] == 7
+    assert out["passes_per_example"] == 1.0
+    assert out["passes_per_example_no_cache"] == 4000 * 16 / 800
+
+
+def test_saved_bytes_hand_count():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10, bias=False), torch.nn.ReLU())
+    x = torch.randn(5, 10)
+    with bench.saved_bytes(model) as saved:
+        y = model(x).sum()
+    # Linear keeps its input (the weight is a parameter: not counted), ReLU its output: 2 x 5 x 10 floats
+    assert saved["bytes"] == 2 * 5 * 10 * 4
+    y.backward()
+
+
+def test_long_examples_fill_the_exp_text():
+    student, tok = bench.load("tiny-llama", "sdpa")
+    _, feats, batch = batch_for(student, tok, n_examples=2, n_tokens=256)
+    assert batch["exp_ids"].shape == (2, 256) and bool(batch["exp_mask"].all())
+    assert int(batch["pre_mask"].sum(1).max()) < 256  # the answer task stays a question and an answer
+    for f in feats:
+        steps, words = f["groups"]
+        assert len(steps) >= 2 and len(words) >= 2 and f["A_t"].shape == (len(steps), len(words))
+        assert max(t for group in steps + words for t in group) < 256
