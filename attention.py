@@ -10,12 +10,19 @@ Public functions
 - `stepwise_from_attentions_batched(attentions, groups)`: the same with membership matmuls (the benchmark's
   naive route): rows [B, S, N] @ mean_h P [B, N, N] @ word membership [B, N, W].
 - `capture(model, groups, values=False)`: the fast route for a whole batch during one ordinary
-  forward pass. The layer output still comes from SDPA; A comes from a second SDPA call on the query
-  and key the attention function receives, with the word membership [B, N, W] as the values, so that
-  its output is sum_{j in word w} P[h, i, j] and no [B, H, N, N] tensor ever exists. That call is
-  recomputed in backward instead of kept. It also records each layer's value states, the input of
-  the student router (Eq. 5).
+  forward pass. The layer output comes from the same SDPA call as without a capture; A comes from a
+  second SDPA call on the query, key and mask the attention function receives, with the word membership
+  [B, N, W] as the values (`word_attention`), so that its output is sum_{j in word w} P[h, i, j] and no
+  [B, H, N, N] tensor ever exists. That call is run again in backward instead of kept, so the capture
+  keeps nothing of size N x W either. It also records each layer's value states, the input of the
+  student router (Eq. 5).
+- `word_attention(query, key, member, mask, scaling)`: that second SDPA call, for one layer.
 - `enable_capture(model)`: switch a loaded model to the capturing attention ("molsaki").
+
+The attention function is registered with `sdpa_mask`, so it receives exactly the mask plain SDPA receives
+(None where `is_causal` serves: no padding and no sliding window that cuts the text). The word attention
+runs in the dtype of the query: float32 on CPU, bf16 under autocast on CUDA (A within 6e-3 of float32 eager
+there); A is summed over the step rows in float32.
 
 Token groups (`steps`, `words`) are lists of token positions, one list per step / critical word,
 as `spans.encode` gives them; in a padded batch they must be positions in the padded row.
@@ -27,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN = "molsaki"
 _ACTIVE = None  # the Capture of the forward pass in progress, if any
@@ -58,65 +65,55 @@ def stepwise_from_attentions_batched(attentions, groups):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast route: a registered attention function that computes A next to SDPA.
-
-
-def _word_attention(q, k, member, mask, scaling):
-    """[B, H, N, W]: per head and query row, the attention on each critical word, sum_{j in word w} P[h, i, j].
-
-    It is SDPA with the word membership [B, N, W] as the values. SDPA's fused kernels want one head size
-    for query, key and value, so all three are zero-padded to max(D, W rounded up to 8): zero columns
-    change neither the logits nor the sums."""
-    B, H, N, D = q.shape
-    W = member.shape[-1]
-    size = max(D, W + -W % 8)
-    k = repeat_kv(k, H // k.shape[1])  # GQA: repeat keys
-    if size > D:
-        q, k = F.pad(q, (0, size - D)), F.pad(k, (0, size - D))
-    v = F.pad(member, (0, size - W))[:, None].expand(B, H, N, size)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)[..., :W]
-
-
-class _WordAttention(torch.autograd.Function):
-    """`_word_attention`, recomputed in backward instead of kept: autograd holds its inputs (the query and
-    mask are held by the layer's own SDPA anyway), never a [B, H, N, W] or [B, H, N, N] tensor."""
-
-    @staticmethod
-    def forward(ctx, q, k, member, mask, scaling):
-        ctx.save_for_backward(q, k, member, mask)
-        ctx.scaling = scaling
-        return _word_attention(q, k, member, mask, scaling)
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, member, mask = ctx.saved_tensors
-        with torch.enable_grad():
-            q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
-            dq, dk = torch.autograd.grad(_word_attention(q, k, member, mask, ctx.scaling), (q, k), grad)
-        return dq, dk, None, None, None
-
-
-def layer_stepwise(query, key, mask, scaling, rows, member):
-    """A for one layer and the whole batch, from post-RoPE query [B, H, N, D] and key [B, H_kv, N, D].
-
-    mask [B, 1, N, N] additive; rows [B, S, N] step membership; member [B, N, W] word membership.
-    Returns [B, S, W].
-    """
-    words = _WordAttention.apply(query.float(), key.float(), member, mask.float(), scaling)  # [B, H, N, W]
-    return rows @ words.mean(1)  # [B, S, N] @ [B, N, W] -> [B, S, W]
+# Fast route: next to the layer's own SDPA call, a second one gives the attention on each critical word.
 
 
 def _membership(groups, n, dtype, device):
-    """Membership matrices of a padded batch: rows [B, S, N] (steps) and member [B, N, W] (critical words)."""
+    """Membership matrices of a padded batch: rows [B, S, N] (steps) and member [B, N, W] (critical words).
+    Filled on the host and moved once: on a GPU, one small copy per group would cost more than the capture."""
     B = len(groups)
-    rows = torch.zeros(B, max(len(s) for s, _ in groups), n, dtype=dtype, device=device)
-    member = torch.zeros(B, n, max(len(w) for _, w in groups), dtype=dtype, device=device)
+    rows = torch.zeros(B, max(len(s) for s, _ in groups), n, dtype=dtype)
+    member = torch.zeros(B, n, max(len(w) for _, w in groups), dtype=dtype)
     for b, (steps, words) in enumerate(groups):
         for s, tokens in enumerate(steps):
             rows[b, s, tokens] = 1.0
         for w, tokens in enumerate(words):
             member[b, tokens, w] = 1.0
-    return rows, member
+    return rows.to(device), member.to(device)
+
+
+def word_attention(query, key, member, mask, scaling):
+    """[B, H, N, W]: per head and query row, the attention on each critical word, sum_{j in word w} P[h, i, j].
+
+    It is SDPA with the word membership [B, N, W] as the values, on the layer's query [B, H, N, D], key
+    [B, H_kv, N, D] and mask (None: causal). SDPA's fused kernels want one head size for query, key and value,
+    so all three are zero-padded to max(D, W rounded up to 8): zero columns change neither logits nor sums."""
+    B, H, N, D = query.shape
+    W = member.shape[-1]
+    size = max(D, W + -W % 8)
+    q, k = F.pad(query, (0, size - D)), F.pad(repeat_kv(key, H // key.shape[1]), (0, size - D))
+    v = F.pad(member.to(query.dtype), (0, size - W))[:, None].expand(B, H, N, size)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)[..., :W]
+
+
+class _Recomputed(torch.autograd.Function):
+    """`word_attention`, run again in backward instead of kept: autograd holds only its inputs (which the
+    layer's own SDPA call holds anyway), never a [B, H, N, W] or [B, H, N, N] tensor."""
+
+    @staticmethod
+    def forward(ctx, query, key, member, mask, scaling):
+        ctx.save_for_backward(query, key, member, mask)
+        ctx.scaling = scaling
+        return word_attention(query, key, member, mask, scaling)
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, member, mask = ctx.saved_tensors
+        with torch.enable_grad():
+            query, key = query.detach().requires_grad_(), key.detach().requires_grad_()
+            words = word_attention(query, key, member, mask, ctx.scaling)
+            dq, dk = torch.autograd.grad(words, (query, key), grad)
+        return dq, dk, None, None, None
 
 
 class Capture:
@@ -129,11 +126,11 @@ class Capture:
         self.rows = None
 
     def record(self, module, query, key, value, mask, scaling):
-        if mask is None or mask.dtype == torch.bool:
-            raise RuntimeError(f"attention '{ATTN}' needs the additive eager mask; use enable_capture(model)")
+        """This layer's A (pre-dropout) and value states, from what its attention function receives."""
         if self.rows is None:
             self.rows, self.member = _membership(self.groups, query.shape[2], torch.float32, query.device)
-        self.layers[module.layer_idx] = layer_stepwise(query, key, mask, scaling, self.rows, self.member)
+        words = _Recomputed.apply(query, key, self.member, mask, scaling)  # [B, H, N, W]
+        self.layers[module.layer_idx] = self.rows @ words.float().mean(1)  # [B, S, N] @ [B, N, W] -> [B, S, W]
         if self.keep_values:
             B, _, N, _ = value.shape
             self.values[module.layer_idx] = value.transpose(1, 2).reshape(B, N, -1)  # [B, N, H_kv * D]
@@ -149,19 +146,16 @@ class Capture:
 
 
 def molsaki_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA for the layer output; when a capture is active, also A of this layer (pre-dropout)."""
+    """Plain SDPA for the layer output; when a capture is active, also this layer's A."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.to(query.dtype)
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                    dropout=dropout, scaling=scaling, **kwargs)
     if _ACTIVE is not None:
         _ACTIVE.record(module, query, key, value, attention_mask, scaling)
-    return out, None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
 
 
 AttentionInterface.register(ATTN, molsaki_attention)
-AttentionMaskInterface.register(ATTN, eager_mask)  # without it the function would get no mask at all
+AttentionMaskInterface.register(ATTN, sdpa_mask)  # the mask plain SDPA gets (None where is_causal serves)
 
 
 def enable_capture(model):

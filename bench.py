@@ -31,6 +31,11 @@ numbers (`spans`); the pre task is that question and its answer. The teacher tar
 teacher is cached, not part of a step). The naive route gets the router's value states from forward
 hooks on each layer's `v_proj` (uniform p_s for a model without one).
 
+Models: `--model` / `--teacher` take what train.py takes, the tiny random ones of --quick, or `random:FOLDER`:
+a folder with only a config and a tokenizer gives random weights of that shape (a GPU machine that cannot take
+the real weights measures the same step time and memory). On CUDA the train and capture sections run under bf16
+autocast, as training does.
+
 Public functions: `parse_args`, `configs`, `run_one`, `naive_step_losses`, `long_examples`, `tables`, `main`.
 """
 
@@ -48,7 +53,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tok_models
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 import attention
 import data
@@ -78,8 +90,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--quick", action="store_true", help="tiny random models and small sizes (None below = its values)")
-    a("--model", default=None, help="student: hub id, folder, packaged name or tiny-llama; None = smollm2-135m")
-    a("--teacher", default=None, help="teacher of the cache pass, or tiny-gemma3; None = gemma3-270m")
+    a("--model", default=None, help="student: hub id, folder, packaged name, tiny-llama, random:FOLDER (see load); "
+      "None = smollm2-135m")
+    a("--teacher", default=None, help="teacher of the cache pass (the same kinds, or tiny-gemma3); None = gemma3-270m")
     a("--batch-size", type=int, default=None, help="training batch; None = 4")
     a("--seq-len", type=int, default=None, help="tokens of each exp text in the training step; None = 512")
     a("--steps", type=int, default=None, help="timed steps per configuration (the median is reported); None = 5")
@@ -130,11 +143,19 @@ def tiny_config(name):
 
 
 def load(name, attn):
-    config = tiny_config(name)
-    if config is None:
+    """A model and its tokenizer: tiny-llama / tiny-gemma3, `random:FOLDER` (a folder with only a config and a
+    tokenizer: random weights of that shape, for a machine that cannot take the real ones; time and memory are
+    the same), or anything models.load_model takes."""
+    if name.startswith("random:"):
+        folder = name.removeprefix("random:")
+        config, tok = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        tok.pad_token = tok.pad_token or tok.eos_token
+    elif tiny_config(name) is not None:
+        config, tok = tiny_config(name), byte_tokenizer()
+    else:
         return models.load_model(name, attn_implementation=attn)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn), byte_tokenizer()
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn), tok
 
 
 def _device():
@@ -337,7 +358,8 @@ def bench_train(cfg, device):
 
 
 def bench_capture(cfg, device):
-    """Forward + backward of the student alone, batch 1, N tokens: sdpa / capture / eager."""
+    """Forward + backward of the student alone, batch 1, N tokens: sdpa / capture / eager (bf16 autocast on CUDA,
+    as in training: in float32, CUDA's SDPA with grouped-query attention falls back to the N x N math kernel)."""
     route, N = cfg["route"], cfg["seq_len"]
     model, tok = load(cfg["model"], CAPTURE_ROUTES[route])
     model.to(device).train()
@@ -347,18 +369,21 @@ def bench_capture(cfg, device):
     w = torch.randn(model.config.num_hidden_layers, S, W, generator=torch.Generator().manual_seed(0)).to(device)
 
     def step(saved=False):
-        if route == "sdpa":
-            loss = model(ids, attention_mask=mask, logits_to_keep=1).logits.float().sum()
-        elif route == "capture":
-            with attention.capture(model, groups) as cap:
-                model(ids, attention_mask=mask, logits_to_keep=1)
-            loss = (cap.stepwise()[0] * w).sum()
-        else:
-            out = model(ids, attention_mask=mask, logits_to_keep=1, output_attentions=True)
-            loss = (attention.stepwise_from_attentions_batched(out.attentions, groups)[0] * w).sum()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as in training
+            loss = capture_loss()
         if not saved:
             loss.backward()
             model.zero_grad(set_to_none=True)
+
+    def capture_loss():
+        if route == "sdpa":
+            return model(ids, attention_mask=mask, logits_to_keep=1).logits.float().sum()
+        if route == "capture":
+            with attention.capture(model, groups) as cap:
+                model(ids, attention_mask=mask, logits_to_keep=1)
+            return (cap.stepwise()[0] * w).sum()
+        out = model(ids, attention_mask=mask, logits_to_keep=1, output_attentions=True)
+        return (attention.stepwise_from_attentions_batched(out.attentions, groups)[0] * w).sum()
 
     out = _measure(step, model, device, cfg["warmup"], cfg["steps"])
     out.update(tokens=ids.shape[1], steps=S, words=W, critical_tokens=sum(len(t) for t in groups[0][1]))

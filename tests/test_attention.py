@@ -57,12 +57,19 @@ def make_batch(lengths, pad_side, vocab, seed):
     return ids, mask, groups
 
 
-@pytest.mark.parametrize("pad_side", ["left", "right"])
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # CUDA: other SDPA kernels, same tolerances (float32)
+@pytest.mark.parametrize("pad_side", ["left", "right", "none"])  # none: no mask, SDPA's is_causal
 @pytest.mark.parametrize("arch", ARCHS)
-def test_capture_equals_eager(arch, pad_side):
-    model = tiny_model(arch, attn="eager")
-    ids, mask, groups = make_batch([14, 9, 12], pad_side, 512, seed=hash(arch) % 100)
-    weights = [torch.randn(3, len(w), generator=torch.Generator().manual_seed(b)) for b, (_, w) in enumerate(groups)]
+def test_capture_equals_eager(arch, pad_side, device):
+    model = tiny_model(arch, attn="eager").to(device)
+    lengths = [14, 14, 14] if pad_side == "none" else [14, 9, 12]
+    ids, mask, groups = make_batch(lengths, pad_side, 512, seed=hash(arch) % 100)
+    ids, mask = ids.to(device), mask.to(device)
+    weights = [torch.randn(3, len(w), generator=torch.Generator().manual_seed(b)).to(device)
+               for b, (_, w) in enumerate(groups)]
 
     def grads(A_list):
         model.zero_grad()
@@ -82,9 +89,11 @@ def test_capture_equals_eager(arch, pad_side):
         assert A_f.shape == (model.config.num_hidden_layers, len(steps), len(words))
         torch.testing.assert_close(A_f, A_e, atol=1e-5, rtol=0)
     fast_grads = grads(fast)
-    assert fast_grads.keys() == eager_grads.keys() and len(fast_grads) > 0
-    for name in eager_grads:
-        torch.testing.assert_close(fast_grads[name], eager_grads[name], atol=1e-4, rtol=0, msg=name)
+    assert len(eager_grads) > 0 and eager_grads.keys() <= fast_grads.keys()
+    for name, p in model.named_parameters():  # no grad (None) on one route is a zero grad on the other
+        zero = torch.zeros_like(p)
+        torch.testing.assert_close(fast_grads.get(name, zero), eager_grads.get(name, zero), atol=1e-4, rtol=0,
+                                   msg=name)
 
     # the layer output is untouched: same logits as plain SDPA on every real token
     model.set_attn_implementation("sdpa")
@@ -142,3 +151,22 @@ def test_stepwise_from_attentions_batched_equals_per_example():
         torch.testing.assert_close(A_b, A_e)
     for layer, P in enumerate(attentions):  # and against the brute-force loop
         torch.testing.assert_close(batched[0][layer], brute_force(P[0], *groups[0]))
+
+
+def test_capture_is_pre_dropout():
+    """GPT-2 trains with attention dropout: A is pre-dropout (SPEC §4), the layer output is not."""
+    model = tiny_model("gpt2", attn="eager")
+    model.config.attn_pdrop = 0.5
+    for block in model.transformer.h:
+        block.attn.attn_dropout.p = 0.5
+    ids, mask, groups = make_batch([14, 9], "right", 512, seed=11)
+    with torch.no_grad():  # eval: no dropout, the oracle
+        eager = stepwise_from_attentions(model(ids, attention_mask=mask, output_attentions=True).attentions, groups)
+        clean = model(ids, attention_mask=mask).logits
+    enable_capture(model).train()
+    torch.manual_seed(0)
+    with torch.no_grad(), capture(model, groups) as cap:
+        dropped = model(ids, attention_mask=mask).logits
+    for A_f, A_e in zip(cap.stepwise(), eager, strict=True):  # layer 0: its query and key saw no dropout yet
+        torch.testing.assert_close(A_f[0], A_e[0], atol=1e-5, rtol=0)
+    assert (dropped - clean).abs().max() > 1e-2  # dropout did act on the layer output

@@ -78,10 +78,10 @@ def test_teacher_runs_once_per_example(monkeypatch):
     seen = []  # examples per call of the teacher's first attention layer: an independent count
     record = attention.Capture.record
 
-    def counting(self, module, query, *rest):
+    def counting(self, module, query, *rest, **kwargs):
         if module.layer_idx == 0:
             seen.append(query.shape[0])
-        return record(self, module, query, *rest)
+        return record(self, module, query, *rest, **kwargs)
 
     monkeypatch.setattr(attention.Capture, "record", counting)
     cfg = {"teacher": "tiny-gemma3", "cache_examples": 7, "teacher_batch_size": 3, "max_length": 128}
@@ -112,3 +112,16 @@ def test_long_examples_fill_the_exp_text():
         steps, words = f["groups"]
         assert len(steps) >= 2 and len(words) >= 2 and f["A_t"].shape == (len(steps), len(words))
         assert max(t for group in steps + words for t in group) < 256
+
+
+def test_random_folder_gives_that_shape(tmp_path):
+    """`random:FOLDER` (config and tokenizer only, as a GPU machine gets them): a model of that configuration."""
+    config = bench.tiny_config("tiny-llama")
+    config.save_pretrained(tmp_path)
+    bench.byte_tokenizer().save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    model, tok = bench.load(f"random:{tmp_path}", "sdpa")
+    reference, _ = bench.load("tiny-llama", "sdpa")
+    assert model.config.num_hidden_layers == 4 and model.config.num_key_value_heads == 2
+    assert [p.shape for p in model.parameters()] == [p.shape for p in reference.parameters()]
+    assert tok("3 + 4")["input_ids"] == bench.byte_tokenizer()("3 + 4")["input_ids"] and tok.pad_token_id == 256
