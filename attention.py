@@ -104,12 +104,15 @@ class _Recomputed(torch.autograd.Function):
     def forward(ctx, query, key, member, mask, scaling):
         ctx.save_for_backward(query, key, member, mask)
         ctx.scaling = scaling
+        device = query.device.type  # backward recomputes under the same autocast as forward
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         return word_attention(query, key, member, mask, scaling)
 
     @staticmethod
     def backward(ctx, grad):
         query, key, member, mask = ctx.saved_tensors
-        with torch.enable_grad():
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(query.device.type, dtype=dtype, enabled=enabled):
             query, key = query.detach().requires_grad_(), key.detach().requires_grad_()
             words = word_attention(query, key, member, mask, ctx.scaling)
             dq, dk = torch.autograd.grad(words, (query, key), grad)
@@ -130,7 +133,8 @@ class Capture:
         if self.rows is None:
             self.rows, self.member = _membership(self.groups, query.shape[2], torch.float32, query.device)
         words = _Recomputed.apply(query, key, self.member, mask, scaling)  # [B, H, N, W]
-        self.layers[module.layer_idx] = self.rows @ words.float().mean(1)  # [B, S, N] @ [B, N, W] -> [B, S, W]
+        with torch.autocast(query.device.type, enabled=False):  # the sums over steps in float32
+            self.layers[module.layer_idx] = self.rows @ words.float().mean(1)  # [B, S, N] @ [B, N, W] -> [B, S, W]
         if self.keep_values:
             B, _, N, _ = value.shape
             self.values[module.layer_idx] = value.transpose(1, 2).reshape(B, N, -1)  # [B, N, H_kv * D]

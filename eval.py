@@ -13,7 +13,7 @@ Public functions:
     is_correct(pred, gold, task) -> bool      math: |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
     evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens) -> (accuracy, items)
     run(checkpoint, sets, data_dir, mode, batch_size, limit, out) -> {set: accuracy}   (accuracy in [0, 1])
-    main(argv)                                the command line.
+    parse_args(argv), main(argv)              the command line.
 
 A record is {id, question, answer, choices?}; a record with `choices` (the choice texts, in the order
 a, b, c, ...) is scored as CSQA, any other as math. `builtin` names the built-in word problems
@@ -145,7 +145,7 @@ def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_
     return accuracies
 
 
-def main(argv=None) -> dict[str, float]:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Accuracy of a student checkpoint on test sets (SPEC §8).")
     parser.add_argument("--checkpoint", required=True, help="save_pretrained folder (model + tokenizer)")
     parser.add_argument("--sets", default="svamp,singleeq,asdiv,gsm8k",
@@ -155,7 +155,11 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="first N items of each set")
     parser.add_argument("--out", default=None, help="default: the checkpoint folder")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, float]:
+    args = parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
     return run(args.checkpoint, sets, args.data_dir, args.mode, args.batch_size, args.limit, args.out)
 

@@ -9,7 +9,7 @@ layer_weights (Fig. 6, 8: p_t of Eq. 4, p_s of Eq. 5), router_over_steps (logged
 numeric_share (Fig. 1b, App. B.1), losses (every loss component of log.jsonl).
 
 Public functions: `run_argv`, `load_run`, `example_view`, `student_stepwise`, `student_weights`,
-`critical_attention`, `numeric_share`, one `plot_*` per figure, `main`.
+`critical_attention`, `numeric_share`, one `plot_*` per figure, `parse_args`, `main`.
 
 Choices:
 - The run is rebuilt from checkpoint/trainer_state.pt "args" (train.parse_args, train.training_examples: built-in
@@ -247,13 +247,17 @@ def plot_losses(rows, path):
     return _save(fig, path)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir", help="a molsaki run directory (train.py --out)")
     p.add_argument("--example", default=None, help="example id; default: the first with >= 2 steps and >= 2 words")
     p.add_argument("--out", default=None, help="folder of the PNGs; default RUN_DIR/figures")
     p.add_argument("--data-dir", default=None, help="the real data sets, when the run read $MOLSAKI_DATA")
-    opts = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
     _pyplot()  # fail before any model is loaded
     run_dir = Path(opts.run_dir)
     out = Path(opts.out or run_dir / "figures")

@@ -170,3 +170,36 @@ def test_capture_is_pre_dropout():
     for A_f, A_e in zip(cap.stepwise(), eager, strict=True):  # layer 0: its query and key saw no dropout yet
         torch.testing.assert_close(A_f[0], A_e[0], atol=1e-5, rtol=0)
     assert (dropped - clean).abs().max() > 1e-2  # dropout did act on the layer output
+
+
+def test_recompute_has_the_gradient_of_the_forward():
+    """Backward runs word_attention again, under the autocast of the forward (here bf16 on a float32 query):
+    the gradient equals autograd's straight through word_attention, with nothing recomputed."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 10, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 10, 8, generator=g, requires_grad=True)  # grouped-query: 2 KV heads
+    member = (torch.rand(2, 10, 3, generator=g) < 0.3).float()
+    w = torch.randn(2, 4, 10, 3, generator=g)
+
+    def grads(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(q, k, member, None, 0.35)
+        assert out.dtype == torch.bfloat16
+        return torch.autograd.grad((out.float() * w).sum(), (q, k))
+
+    for recomputed, direct in zip(grads(attention._Recomputed.apply), grads(attention.word_attention), strict=True):
+        torch.testing.assert_close(recomputed, direct, atol=0, rtol=0)
+
+
+def test_capture_under_autocast_sums_in_float32():
+    """Under bf16 autocast the word attention is bf16, like the layer's own; the sums over steps stay float32."""
+    model = tiny_model("llama", attn="eager")
+    ids, mask, groups = make_batch([14, 9, 12], "right", 512, seed=4)
+    with torch.no_grad():
+        eager = stepwise_from_attentions(model(ids, attention_mask=mask, output_attentions=True).attentions, groups)
+    enable_capture(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), capture(model, groups) as cap:
+        model(ids, attention_mask=mask)
+    for A_f, A_e in zip(cap.stepwise(), eager, strict=True):
+        assert A_f.dtype == torch.float32
+        torch.testing.assert_close(A_f, A_e, atol=3e-2, rtol=0)  # bf16 attention, float32 sums

@@ -1,0 +1,74 @@
+"""The README is the user's manual: every command it shows parses with the script's own argument parser, the
+flag table of train.py lists exactly the flags train.py has, and the make targets it names exist."""
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import bench
+import eval as eval_
+import plots
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PARSERS = {"train.py": train.parse_args, "eval.py": eval_.parse_args, "plots.py": plots.parse_args,
+           "bench.py": bench.parse_args}
+
+
+def readme_commands():
+    """Each command line of the README's bash blocks, split as the shell would (comments dropped)."""
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", README, re.S)).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines() if shlex.split(line, comments=True)]
+
+
+def test_every_script_command_parses():
+    seen = []
+    for argv in readme_commands():
+        script = next((a for a in argv if a in PARSERS), None)
+        if script is None:
+            continue
+        args = PARSERS[script](argv[argv.index(script) + 1:])  # argparse exits (SystemExit) on a wrong flag
+        seen.append(script)
+        if argv[0] == "torchrun":  # the global batch must split over the processes (train.train checks it)
+            procs = int(argv[argv.index("--nproc_per_node") + 1])
+            assert args.batch_size % (procs * args.grad_accum) == 0, argv
+    assert set(seen) == set(PARSERS), seen
+
+
+def test_a_wrong_flag_is_caught():  # the check above can fail
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        train.parse_args(["--learning-rate", "1e-4"])
+
+
+def _help_flags(parse):
+    out = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(out):
+        parse(["--help"])
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", out.getvalue())) - {"--help"}
+
+
+def test_train_flag_table_is_complete():
+    section = README.split("### `train.py` flags", 1)[1].split("\n\n", 2)[1]  # the table after the heading
+    table = set(re.findall(r"^\| `(--[a-z0-9-]+)`(?:, `(--[a-z0-9-]+)`)?", section, re.M))
+    table = {f for row in table for f in row if f}
+    assert table == _help_flags(train.parse_args)
+
+
+def test_make_targets_exist():
+    targets = set(re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M))
+    named = {argv[1] for argv in readme_commands() if argv[0] == "make"}
+    assert named and named <= targets
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci  # CI runs the README's test command
+
+
+def test_every_flag_named_exists():
+    """Every --flag the README names anywhere (tables, usage lines, prose) is a flag of one of the scripts."""
+    known = set().union(*(_help_flags(parse) for parse in PARSERS.values())) | {"--nproc_per_node"}  # torchrun's
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", README))
+    assert named and named <= known, named - known
