@@ -78,10 +78,10 @@ def test_teacher_runs_once_per_example(monkeypatch):
     seen = []  # examples per call of the teacher's first attention layer: an independent count
     record = attention.Capture.record
 
-    def counting(self, module, query, *rest, **kwargs):
+    def counting(self, module, query, *rest):
         if module.layer_idx == 0:
             seen.append(query.shape[0])
-        return record(self, module, query, *rest, **kwargs)
+        return record(self, module, query, *rest)
 
     monkeypatch.setattr(attention.Capture, "record", counting)
     cfg = {"teacher": "tiny-gemma3", "cache_examples": 7, "teacher_batch_size": 3, "max_length": 128}
