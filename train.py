@@ -88,7 +88,7 @@ def parse_args(argv=None):
     if args.out is None:  # each README command its own directory: an ablation never overwrites the main run
         parts = [args.data, "palm" if args.rationales == "palm" else "", args.method,
                  f"sl{args.layer_map.replace(':', '-')}" if args.layer_map else "", f"s{args.seed}"]
-        args.out = "runs/" + "-".join(p for p in parts if p)
+        args.out = "runs/" + "-".join(part for part in parts if part)
     args.out = Path(args.out)
     return args
 
