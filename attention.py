@@ -9,20 +9,21 @@ Public functions
 - `stepwise_from_attentions(attentions, groups)`: the naive route, from eager `output_attentions`.
 - `stepwise_from_attentions_batched(attentions, groups)`: the same with membership matmuls (the benchmark's
   naive route): rows [B, S, N] @ mean_h P [B, N, N] @ word membership [B, N, W].
-- `capture(model, groups, values=False)`: the fast route for a whole batch during one ordinary
-  forward pass. The layer output comes from the same SDPA call as without a capture; A comes from a
-  second SDPA call on the query, key and mask the attention function receives, with the word membership
-  [B, N, W] as the values (`word_attention`), so that its output is sum_{j in word w} P[h, i, j] and no
-  [B, H, N, N] tensor ever exists. That call is run again in backward instead of kept, so the capture
-  keeps nothing of size N x W either. It also records each layer's value states, the input of the
-  student router (Eq. 5).
-- `word_attention(query, key, member, mask, scaling)`: that second SDPA call, for one layer.
+- `capture(model, groups, values=False)`: the fast route, for a whole batch during one ordinary forward pass.
+  A needs P only on the critical tokens (the K tokens of an example's critical words), and P on a subset of
+  the keys is the softmax over that subset times the subset's total share `pi` (`critical_attention`). The
+  layer's own SDPA call gives `pi`, with one more value column that is 1 on critical tokens; one matmul gives
+  the [B, H, N, K] logits on the critical tokens. No [B, H, N, N] tensor ever exists, and backward keeps
+  nothing of size N x K. It also records each layer's value states, the input of the student router (Eq. 5).
+- `critical_attention(query, key, pi, cols, bias, scaling)`: that identity for one layer, readable. Training
+  runs `_CriticalAttention`, the same by blocks of query rows with its gradient written by hand (a test
+  checks one against the other).
 - `enable_capture(model)`: switch a loaded model to the capturing attention ("molsaki").
 
 The attention function is registered with `sdpa_mask`, so it receives exactly the mask plain SDPA receives
-(None where `is_causal` serves: no padding and no sliding window that cuts the text). The word attention
-runs in the dtype of the query: float32 on CPU, bf16 under autocast on CUDA (A within 6e-3 of float32 eager
-there); A is summed over the step rows in float32.
+(None where `is_causal` serves: no padding and no sliding window that cuts the text). The layer's SDPA call
+runs in the dtype of the query (bf16 under autocast on CUDA); the logits on critical tokens, their softmax
+and the sums over steps and words run in float32.
 
 Token groups (`steps`, `words`) are lists of token positions, one list per step / critical word,
 as `spans.encode` gives them; in a padded batch they must be positions in the padded row.
@@ -59,64 +60,135 @@ def stepwise_from_attentions(attentions, groups):
 def stepwise_from_attentions_batched(attentions, groups):
     """`stepwise_from_attentions` for the whole batch at once: per layer rows @ mean_h P @ word membership."""
     dtype = torch.promote_types(attentions[0].dtype, torch.float32)
-    rows, member = _membership(groups, attentions[0].shape[-1], dtype, attentions[0].device)  # [B, S, N], [B, N, W]
-    A = torch.stack([rows @ P.mean(1).to(dtype) @ member for P in attentions], 1)  # [B, L, S, W]
+    N = attentions[0].shape[-1]
+    rows, cols, _, member, _ = (t.to(dtype) if t.is_floating_point() else t
+                                for t in _index(groups, N, attentions[0].device)[:5])
+    cols = cols[:, None, :].expand(-1, N, -1)  # [B, N, K]
+    A = torch.stack([rows @ P.mean(1).to(dtype).gather(-1, cols) @ member for P in attentions], 1)  # [B, L, S, W]
     return [A[b, :, :len(steps), :len(words)] for b, (steps, words) in enumerate(groups)]
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast route: next to the layer's own SDPA call, a second one gives the attention on each critical word.
+# Fast route: the layer's own SDPA call, with one more value column, and logits on the critical tokens only.
+
+EXTRA = 8  # value columns added to the layer's call: the critical-token indicator, then zeros (head size % 8 == 0)
+BLOCK = 128  # query rows per block of `_CriticalAttention`
 
 
-def _membership(groups, n, dtype, device):
-    """Membership matrices of a padded batch: rows [B, S, N] (steps) and member [B, N, W] (critical words).
-    Filled on the host and moved once: on a GPU, one small copy per group would cost more than the capture."""
+def _index(groups, n, device):
+    """Index tensors of a padded batch, filled on the host and moved once (on a GPU one small copy per group
+    would cost more than the capture): rows [B, S, N] (step membership), cols [B, K] (each example's critical
+    tokens, padded with 0), valid [B, K] (not padding), member [B, K, W] (the words each critical token is in),
+    hit [B, 1, N, EXTRA] (1 in column 0 on critical tokens); and the row blocks of `_blocks`."""
     B = len(groups)
-    rows = torch.zeros(B, max(len(s) for s, _ in groups), n, dtype=dtype)
-    member = torch.zeros(B, n, max(len(w) for _, w in groups), dtype=dtype)
+    tokens = [sorted({j for word in words for j in word}) for _, words in groups]
+    rows = torch.zeros(B, max(len(s) for s, _ in groups), n)
+    cols = torch.zeros(B, max(1, max(len(t) for t in tokens)), dtype=torch.long)
+    valid = torch.zeros(cols.shape, dtype=torch.bool)
+    member = torch.zeros(B, cols.shape[1], max(len(w) for _, w in groups))
+    hit = torch.zeros(B, 1, n, EXTRA)
     for b, (steps, words) in enumerate(groups):
-        for s, tokens in enumerate(steps):
-            rows[b, s, tokens] = 1.0
-        for w, tokens in enumerate(words):
-            member[b, tokens, w] = 1.0
-    return rows.to(device), member.to(device)
+        for s, positions in enumerate(steps):
+            rows[b, s, positions] = 1.0
+        slot = {j: k for k, j in enumerate(tokens[b])}
+        cols[b, :len(slot)], valid[b, :len(slot)] = torch.tensor(tokens[b], dtype=torch.long), True
+        for w, positions in enumerate(words):
+            member[b, [slot[j] for j in positions], w] = 1.0
+        hit[b, 0, tokens[b], 0] = 1.0
+    return [t.to(device) for t in (rows, cols, valid, member, hit)] + [_blocks(groups, tokens)]
 
 
-def word_attention(query, key, member, mask, scaling):
-    """[B, H, N, W]: per head and query row, the attention on each critical word, sum_{j in word w} P[h, i, j].
+def _blocks(groups, tokens):
+    """Blocks (r0, r1, kc) of BLOCK query rows, from the first row of a step to the last one: the rows outside
+    every step do not enter A. Causal attention hides the critical tokens at r1 and after from every row of the
+    block, so it needs only the first kc slots of cols (sorted): kc = max over examples of those before r1."""
+    step_rows = [i for steps, _ in groups for step in steps for i in step]
+    if not step_rows:
+        return []
+    lo, hi = min(step_rows), max(step_rows) + 1
+    bounds = list(range(lo, hi, BLOCK)) + [hi]
+    blocks = zip(bounds[:-1], bounds[1:], strict=True)
+    return [(r0, r1, max(sum(j < r1 for j in t) for t in tokens)) for r0, r1 in blocks]
 
-    It is SDPA with the word membership [B, N, W] as the values, on the layer's query [B, H, N, D], key
-    [B, H_kv, N, D] and mask (None: causal). SDPA's fused kernels want one head size for query, key and value,
-    so all three are zero-padded to max(D, W rounded up to 8): zero columns change neither logits nor sums."""
-    B, H, N, D = query.shape
-    W = member.shape[-1]
-    size = max(D, W + -W % 8)
-    q, k = F.pad(query, (0, size - D)), F.pad(repeat_kv(key, H // key.shape[1]), (0, size - D))
-    v = F.pad(member.to(query.dtype), (0, size - W))[:, None].expand(B, H, N, size)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)[..., :W]
+
+def _critical_bias(mask, cols, valid, n):
+    """[B, 1, N, K], added to the logits on the critical tokens: 0 where the query row sees the critical token
+    under the layer's boolean mask (None: causal), the lowest float32 elsewhere (padding slots too)."""
+    if mask is None:
+        seen = cols[:, None, None, :] <= torch.arange(n, device=cols.device)[:, None]  # [B, 1, N, K]
+    else:
+        seen = mask.expand(len(cols), 1, n, n).gather(-1, cols[:, None, None, :].expand(-1, 1, n, -1))
+    hidden = ~(seen & valid[:, None, None, :])
+    return torch.zeros(hidden.shape, device=cols.device).masked_fill_(hidden, torch.finfo(torch.float32).min)
 
 
-class _Recomputed(torch.autograd.Function):
-    """`word_attention`, run again in backward instead of kept: autograd holds only its inputs (which the
-    layer's own SDPA call holds anyway), never a [B, H, N, W] or [B, H, N, N] tensor."""
+def _critical_keys(key, cols, heads):
+    """[B, H, K, D] float32: the keys of the critical tokens cols [B, K], repeated for grouped-query heads."""
+    k = key.gather(2, cols[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))  # [B, H_kv, K, D]
+    return repeat_kv(k, heads // key.shape[1]).float()
+
+
+def critical_attention(query, key, pi, cols, bias, scaling):
+    """[B, N, K]: mean over heads of P[h, i, j] for each example's K critical tokens j = cols[b].
+
+    The softmax over all N keys, restricted to a subset of them, is the softmax over the subset alone times the
+    subset's total share: P[h, i, j] = pi[h, i] * softmax_{j' in cols}(logits[h, i, j'] + bias[i, j'])[j], with
+    pi [B, H, N] the layer's attention on all critical tokens together. So only the logits on the critical
+    tokens are formed, [B, H, N, K] in float32, from the query [B, H, N, D] and key [B, H_kv, N, D]. A row that
+    sees no critical token gets a uniform softmax, which counts for nothing: its pi is 0.
+
+    This is the readable form; `_CriticalAttention` computes the same in place, with its gradient by hand."""
+    with torch.autocast(query.device.type, enabled=False):
+        logits = query.float() @ _critical_keys(key, cols, query.shape[1]).transpose(-1, -2) * scaling  # [B, H, N, K]
+        weights = (logits + bias).softmax(-1)  # [B, H, N, K]
+        return (pi.float()[..., None] * weights).mean(1)  # [B, N, K]
+
+
+def _block_softmax(query, k, bias, r0, r1, kc):
+    """The softmax of `critical_attention` for query rows r0:r1 and the first kc critical tokens [B, H, r1 - r0,
+    kc] (float32); k [B, H, K, D] holds the critical keys times scaling."""
+    logits = query[:, :, r0:r1].float() @ k[:, :, :kc].transpose(-1, -2)  # [B, H, r1 - r0, kc]
+    return logits.add_(bias[:, :, r0:r1, :kc]).softmax(-1)
+
+
+class _CriticalAttention(torch.autograd.Function):
+    """`critical_attention` for training, by blocks of query rows (`_blocks`): the rows outside every step and
+    the critical tokens that causal attention hides are skipped. No [B, H, N, K] tensor is kept for backward
+    (only the inputs: the padded query and key, which the layer's SDPA call holds anyway, and pi [B, H, N]);
+    the softmax is run again there, and the gradient is written by hand, in place where it can be."""
 
     @staticmethod
-    def forward(ctx, query, key, member, mask, scaling):
-        ctx.save_for_backward(query, key, member, mask)
-        ctx.scaling = scaling
-        device = query.device.type  # backward recomputes under the same autocast as forward
-        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-        return word_attention(query, key, member, mask, scaling)
+    def forward(ctx, query, key, pi, cols, bias, scaling, blocks):
+        ctx.save_for_backward(query, key, pi, cols, bias)
+        ctx.scaling, ctx.blocks = scaling, blocks
+        B, H, N, D = query.shape
+        with torch.autocast(query.device.type, enabled=False):
+            k = _critical_keys(key, cols, H) * scaling  # [B, H, K, D]
+            out = torch.zeros(B, N, cols.shape[1], device=query.device)  # [B, N, K]
+            for r0, r1, kc in blocks:
+                w = _block_softmax(query, k, bias, r0, r1, kc)  # [B, H, n, kc]
+                out[:, r0:r1, :kc] = w.mul_(pi[:, :, r0:r1, None].float()).mean(1)
+        return out
 
     @staticmethod
-    def backward(ctx, grad):
-        query, key, member, mask = ctx.saved_tensors
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(query.device.type, dtype=dtype, enabled=enabled):
-            query, key = query.detach().requires_grad_(), key.detach().requires_grad_()
-            words = word_attention(query, key, member, mask, ctx.scaling)
-            dq, dk = torch.autograd.grad(words, (query, key), grad)
-        return dq, dk, None, None, None
+    def backward(ctx, grad):  # grad [B, N, K]
+        query, key, pi, cols, bias = ctx.saved_tensors
+        B, H, N, D = query.shape
+        with torch.autocast(query.device.type, enabled=False):
+            k = _critical_keys(key, cols, H) * ctx.scaling  # [B, H, K, D]
+            dq, dk = torch.zeros(B, H, N, D, device=query.device), torch.zeros_like(k)  # [B, H, N, D], [B, H, K, D]
+            dpi = torch.zeros(B, H, N, device=query.device)
+            for r0, r1, kc in ctx.blocks:
+                w = _block_softmax(query, k, bias, r0, r1, kc)  # [B, H, n, kc]
+                t = w * grad[:, None, r0:r1, :kc]  # [B, H, n, kc]
+                dpi[:, :, r0:r1] = t.sum(-1) / H
+                # softmax backward: d logits = pi / H * (t - w * sum_k t), and sum_k t = H * dpi
+                t.addcmul_(w, dpi[:, :, r0:r1, None], value=-H).mul_(pi[:, :, r0:r1, None].float() / H)
+                dq[:, :, r0:r1] = t @ k[:, :, :kc]
+                dk[:, :, :kc] += t.transpose(-1, -2) @ query[:, :, r0:r1].float()
+            dk = (dk * ctx.scaling).view(B, key.shape[1], H // key.shape[1], *dk.shape[2:]).sum(2)  # [B, H_kv, K, D]
+            dkey = torch.zeros(key.shape, device=key.device).scatter_add_(2, cols[:, None, :, None].expand_as(dk), dk)
+        return dq.to(query.dtype), dkey.to(key.dtype), dpi.to(pi.dtype), None, None, None, None
 
 
 class Capture:
@@ -126,18 +198,34 @@ class Capture:
         self.groups, self.keep_values = groups, values
         self.sizes = [(len(steps), len(words)) for steps, words in groups]
         self.layers, self.values = {}, {}
-        self.rows = None
+        self.index, self.biases = None, {}
 
-    def record(self, module, query, key, value, mask, scaling):
-        """This layer's A (pre-dropout) and value states, from what its attention function receives."""
-        if self.rows is None:
-            self.rows, self.member = _membership(self.groups, query.shape[2], torch.float32, query.device)
-        words = _Recomputed.apply(query, key, self.member, mask, scaling)  # [B, H, N, W]
-        with torch.autocast(query.device.type, enabled=False):  # the sums over steps in float32
-            self.layers[module.layer_idx] = self.rows @ words.float().mean(1)  # [B, S, N] @ [B, N, W] -> [B, S, W]
+    def attend(self, module, query, key, value, mask, scaling, dropout, **kwargs):
+        """The layer's attention output; on the side, its A (pre-dropout) and value states."""
+        B, H, N, D = query.shape
+        if self.index is None:
+            self.index = _index(self.groups, N, query.device)
+        rows, cols, valid, member, hit, blocks = self.index
+        q, k = F.pad(query, (0, EXTRA)), F.pad(key, (0, EXTRA))  # zero columns: the same logits
+        hit = hit.to(value.dtype).expand(B, key.shape[1], N, EXTRA)  # [B, H_kv, N, EXTRA]
+        if dropout == 0.0:  # pi is one more value column of the layer's own call
+            out = sdpa_attention_forward(module, q, k, torch.cat([value, hit], -1), mask, scaling=scaling,
+                                         **kwargs)[0]  # [B, N, H, D + EXTRA]
+            out, pi, _ = out.split([D, 1, EXTRA - 1], -1)  # [B, N, H, D], [B, N, H, 1]: one op in backward too
+            pi = pi[..., 0]  # [B, N, H]
+        else:  # dropout would act on pi too: a second call, without dropout, gives it
+            out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                         **kwargs)[0]  # [B, N, H, D]
+            pi = sdpa_attention_forward(module, q, k, F.pad(hit, (0, D)), mask, scaling=scaling, **kwargs)[0][..., 0]
+        pi = pi.transpose(1, 2).contiguous()  # [B, H, N]; a copy, so that backward does not keep all of `out`
+        if id(mask) not in self.biases:  # one per mask the layers get: one, or one per kind (sliding, full)
+            self.biases[id(mask)] = _critical_bias(mask, cols, valid, N)
+        P = _CriticalAttention.apply(q, k, pi, cols, self.biases[id(mask)], scaling, blocks)  # [B, N, K]
+        with torch.autocast(query.device.type, enabled=False):  # the sums over steps and words in float32
+            self.layers[module.layer_idx] = rows @ P @ member  # [B, S, N] @ [B, N, K] @ [B, K, W] -> [B, S, W]
         if self.keep_values:
-            B, _, N, _ = value.shape
-            self.values[module.layer_idx] = value.transpose(1, 2).reshape(B, N, -1)  # [B, N, H_kv * D]
+            self.values[module.layer_idx] = value  # [B, H_kv, N, D]
+        return out, None
 
     def stepwise(self):
         """Per example [L, S_b, W_b], layers in model order."""
@@ -145,15 +233,15 @@ class Capture:
         return [A[b, :, :S, :W] for b, (S, W) in enumerate(self.sizes)]
 
     def value_states(self):
-        """[B, L, N, d], the router's input (Eq. 5)."""
-        return torch.stack([self.values[i] for i in sorted(self.values)], 1)
+        """[B, L, N, d], d = H_kv * D: the router's input (Eq. 5)."""
+        return torch.stack([self.values[i].transpose(1, 2) for i in sorted(self.values)], 1).flatten(-2)
 
 
 def molsaki_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain SDPA for the layer output; when a capture is active, also this layer's A."""
+    """Plain SDPA; when a capture is active, the same output through `Capture.attend`, which also records A."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if _ACTIVE is not None:
-        _ACTIVE.record(module, query, key, value, attention_mask, scaling)
+        return _ACTIVE.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 

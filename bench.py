@@ -12,7 +12,10 @@ process and prints its JSON (for profiling). Three sections, one markdown table 
 
 - train: one optimizer step (`train.step_losses`: the pre and exp passes, losses, backward, clipping,
   AdamW) of `dss` (SDPA), `molsaki` through the fast capture, and `molsaki` through eager
-  `output_attentions` (the naive route), same student and batch, as ratios to dss.
+  `output_attentions` (the naive route), same student and batch, as ratios to dss. The three take turns,
+  `--rounds` processes each (dss, molsaki, naive, dss, ...), since on a shared machine the speed of a whole
+  process moves by more than the difference measured: the step time is the median of all timed steps of a
+  route, memory the median over its processes, and the table adds the ratio within each round.
 - capture: forward + backward of the student alone (batch 1, `logits_to_keep=1`) for N in `--lengths`:
   plain SDPA, the capture (loss sum(A * w)), eager attention (the same loss).
 - teacher: examples per second of `data.build_attention_cache`, and teacher forward passes per training
@@ -24,6 +27,8 @@ the timed steps (VmHWM, reset at the end of warm-up through /proc/self/clear_ref
 optimizer were made (so it counts gradients, optimizer state, activations and allocator slack, not the
 weights and libraries); ratios to dss use `work`. `saved` is exact and allocator-free: the bytes of the
 distinct tensors autograd keeps for backward during one step (saved-tensor hooks, parameters excluded).
+Time. On glibc, every configuration first pins malloc's thresholds (`pin_malloc`; `--malloc-default` keeps
+glibc's), so that step times count the work and not the page faults of memory handed back to the OS.
 
 The synthetic batch: built-in problems (`problems.make_problems`), the first one's question and the
 rationales of as many problems as it takes for the exp text to reach N tokens, with its real steps and
@@ -36,10 +41,13 @@ a folder with only a config and a tokenizer gives random weights of that shape (
 the real weights measures the same step time and memory). On CUDA the train and capture sections run under bf16
 autocast, as training does.
 
-Public functions: `parse_args`, `configs`, `run_one`, `naive_step_losses`, `long_examples`, `tables`, `main`.
+Public functions: `parse_args`, `configs`, `pin_malloc`, `run_one`, `naive_step_losses`, `long_examples`, `tables`,
+`main`.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import multiprocessing
 import os
@@ -72,11 +80,12 @@ import spans
 import train
 
 DEFAULTS = {  # the issue's setting, and --quick: tiny random models
-    "full": {"model": "smollm2-135m", "teacher": "gemma3-270m", "batch_size": 4, "seq_len": 512, "steps": 5,
-             "warmup": 2, "lengths": "128,256,512,1024,2048", "cache_examples": 64, "teacher_batch_size": 8,
-             "threads": 0},
+    "full": {"model": "smollm2-135m", "teacher": "gemma3-270m", "batch_size": 4, "seq_len": 512, "steps": 3,
+             "warmup": 2, "rounds": 3, "lengths": "128,256,512,1024,2048", "cache_examples": 64,
+             "teacher_batch_size": 8, "threads": 0},
     "quick": {"model": "tiny-llama", "teacher": "tiny-gemma3", "batch_size": 2, "seq_len": 256, "steps": 2,
-              "warmup": 1, "lengths": "128,256", "cache_examples": 8, "teacher_batch_size": 4, "threads": 1},
+              "warmup": 1, "rounds": 2, "lengths": "128,256", "cache_examples": 8, "teacher_batch_size": 4,
+              "threads": 1},
 }
 TARGETS = {"time": 1.10, "memory": 1.10, "capture_memory": 8.0, "teacher_passes": 1.0}
 SVAMP_TRAIN = 800  # the paper's schedule: 4000 steps x batch 16 over the 800 SVAMP training items
@@ -95,14 +104,18 @@ def parse_args(argv=None):
     a("--teacher", default=None, help="teacher of the cache pass (the same kinds, or tiny-gemma3); None = gemma3-270m")
     a("--batch-size", type=int, default=None, help="training batch; None = 4")
     a("--seq-len", type=int, default=None, help="tokens of each exp text in the training step; None = 512")
-    a("--steps", type=int, default=None, help="timed steps per configuration (the median is reported); None = 5")
-    a("--warmup", type=int, default=None, help="untimed steps first; None = 2")
+    a("--steps", type=int, default=None, help="timed steps per configuration and round; None = 3")
+    a("--warmup", type=int, default=None, help="untimed steps first, in every process; None = 2")
+    a("--rounds", type=int, default=None, help="processes per training route, run in turn (dss, molsaki, naive, "
+      "dss, ...); the step time is the median of all their timed steps; None = 3")
     a("--lengths", default=None, help="comma-separated N of the capture section; None = 128,...,2048")
     a("--cache-examples", type=int, default=None, help="built-in problems through the teacher cache; None = 64")
     a("--teacher-batch-size", type=int, default=None, help="batch of the cache pass; None = 8")
     a("--threads", type=int, default=None, help="torch threads in each child, 0 = torch's default; None = 0 "
       "(--quick: 1, since tiny ops on a busy machine only wait for each other's threads)")
     a("--sections", default="train,capture,teacher", help="which sections to run, comma-separated")
+    a("--malloc-default", action="store_true", help="keep glibc's malloc thresholds (see pin_malloc): freed "
+      "memory goes back to the OS and is faulted in again, at a cost that differs by route and by run")
     a("--out", default="runs/bench", help="run directory for bench.json and bench.md")
     a("--one", default=None, help="internal: run one configuration (JSON) in this process, print its result")
     args = p.parse_args(argv)
@@ -417,15 +430,30 @@ def bench_teacher(cfg, device):
             "schedule": f"{paper['max_steps']} steps x {paper['batch_size']} / {SVAMP_TRAIN} SVAMP items"}
 
 
+def pin_malloc():
+    """glibc: serve allocations up to 32 MB from the heap and never hand freed heap memory back to the OS, closer
+    to what PyTorch's caching allocator does on CUDA. With glibc's default, adaptive thresholds, memory freed
+    during a step goes back to the OS and is faulted in again at its next use; on this project's 2-core machine
+    that slowed the model's own matmuls and losses more in molsaki steps than in dss steps (README, benchmark).
+    Returns whether it applied (not on other C libraries)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, TypeError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def run_one(cfg):
     """Run one configuration in this process and return its measurements (a JSON-able dict)."""
+    pinned = cfg.get("pin_malloc", True) and pin_malloc()
     torch.manual_seed(0)
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = _device()
     fn = {"train": bench_train, "capture": bench_capture, "teacher": bench_teacher}[cfg["kind"]]
     out = fn(cfg, device)
-    out.update(cfg, device=str(device), threads=torch.get_num_threads())
+    out.update(cfg, device=str(device), threads=torch.get_num_threads(), malloc="pinned" if pinned else "default")
     return out
 
 
@@ -434,11 +462,12 @@ def run_one(cfg):
 
 
 def configs(args):
-    common = {"model": args.model, "warmup": args.warmup, "steps": args.steps, "threads": args.threads}
-    out = [dict(common, kind="train", route=r, batch_size=args.batch_size, seq_len=args.seq_len)
-           for r in TRAIN_ROUTES]
+    common = {"model": args.model, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+              "pin_malloc": not args.malloc_default}
+    out = [dict(common, kind="train", route=r, round=i, batch_size=args.batch_size, seq_len=args.seq_len)
+           for i in range(args.rounds) for r in TRAIN_ROUTES]
     out += [dict(common, kind="capture", route=r, seq_len=n) for n in args.lengths for r in CAPTURE_ROUTES]
-    out.append({"kind": "teacher", "teacher": args.teacher, "threads": args.threads,
+    out.append({"kind": "teacher", "teacher": args.teacher, "threads": args.threads, "pin_malloc": common["pin_malloc"],
                 "cache_examples": args.cache_examples, "teacher_batch_size": args.teacher_batch_size,
                 "max_length": args.seq_len})
     return [c for c in out if c["kind"] in args.sections]
@@ -483,11 +512,31 @@ def _x(r):
     return "-" if r is None else f"{r:.2f}x"
 
 
+def _pool(runs):
+    """One training route's rounds -> one row: the median of all their timed steps, the median memory."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    row = {k: v for k, v in ok[0].items() if k != "round"}
+    row.update(times=[t for r in ok for t in r["times"]], rounds=len(ok))
+    row["sec"] = statistics.median(row["times"])
+    for k in ("base", "peak", "work", "saved", "ru_maxrss"):
+        values = [r[k] for r in ok if r.get(k) is not None]
+        row[k] = statistics.median(values) if values else None
+    return row
+
+
 def summarize(results):
     """Ratios and target checks from the raw per-configuration results."""
-    train_rows = {r["route"]: r for r in results if r["kind"] == "train"}
+    runs = {}
+    for r in results:
+        if r["kind"] == "train":
+            runs.setdefault(r["route"], []).append(r)
+    train_rows = {route: _pool(rs) for route, rs in runs.items()}
     dss = train_rows.get("dss", {})
-    for r in train_rows.values():
+    for route, r in train_rows.items():  # the ratio within each round: how much it moves from process to process
+        pairs = zip(runs[route], runs["dss"], strict=True)
+        r["round_sec_ratios"] = [_ratio(a.get("sec"), b.get("sec")) for a, b in pairs]
         r["sec_ratio"] = _ratio(r.get("sec"), dss.get("sec"))
         r["work_ratio"] = _ratio(r.get("work"), dss.get("work"))
         r["peak_ratio"] = _ratio(r.get("peak"), dss.get("peak"))
@@ -525,7 +574,8 @@ def _train_table(rows, args):
     names = {"dss": "dss (SDPA)", "molsaki": "molsaki, fast capture", "naive": "molsaki, eager output_attentions"}
     first = next((r for r in rows if "device" in r), {})
     out = [f"## Training step: {args.model}, batch {args.batch_size}, N = {args.seq_len}, {first.get('device')}, "
-           f"{first.get('threads')} threads, median of {args.steps} steps after {args.warmup}", "",
+           f"{first.get('threads')} threads, malloc {first.get('malloc')}, median of {args.steps} steps x "
+           f"{args.rounds} rounds (processes) after {args.warmup}", "",
            "| route | step (s) | vs dss | work (MB) | vs dss | peak (MB) | vs dss | saved (MB) | vs dss | router |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -536,7 +586,10 @@ def _train_table(rows, args):
                    f"{_x(r['work_ratio'])} | {_mb(r['peak'])} | {_x(r['peak_ratio'])} | {_mb(r['saved'])} | "
                    f"{_x(r['saved_ratio'])} | {r['router']} |")
     words = next((r["words"] for r in rows if r.get("route") == "molsaki" and "words" in r), None)
-    return out + ["", f"Critical words per example: {words}. work: peak minus the memory once model, batch and "
+    spread = [f"{r['route']} {', '.join(_x(x) for x in r['round_sec_ratios'])}" for r in rows
+              if r.get("route") != "dss" and r.get("round_sec_ratios")]
+    return out + ["", f"Step time vs dss within each round: {'; '.join(spread) or '-'}.",
+                  "", f"Critical words per example: {words}. work: peak minus the memory once model, batch and "
                   "optimizer are made (CPU: RSS; CUDA: allocated); peak: CPU VmHWM of the timed steps, CUDA "
                   "max_memory_allocated; saved: what autograd keeps for backward in one step (exact).", ""]
 
@@ -606,8 +659,9 @@ def main(argv=None):
     for cfg in configs(args):
         t1 = time.time()
         results.append(_child(cfg))
-        print(f"[bench] {cfg['kind']} {cfg.get('route', '')} {cfg.get('seq_len', '')}: {time.time() - t1:.1f} s",
-              file=sys.stderr, flush=True)
+        where = f"round {cfg['round'] + 1}/{args.rounds}" if "round" in cfg else cfg.get("seq_len", "")
+        print(f"[bench] {cfg['kind']} {cfg.get('route', '')} {where}: {time.time() - t1:.1f} s", file=sys.stderr,
+              flush=True)
     summary = summarize(results)
     machine = {"loadavg_before": [round(x, 2) for x in load], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                "torch": torch.__version__, "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}

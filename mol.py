@@ -67,11 +67,12 @@ class StudentRouter(nn.Module):
         if mask is not None and mask.shape != values.shape[:-3] + values.shape[-2:-1]:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match values {tuple(values.shape)}")
         with torch.autocast(values.device.type, enabled=False):
-            v = self.norm(_at_least_f32(values))  # [..., L, N, d]
-            if mask is not None:
-                pad = ~mask.bool()[..., None, :, None]  # [..., 1, N, 1]
-                v = v.masked_fill(pad, 0.0)
-            H = v.sum(dim=-2)  # [..., L, d]
+            v = _at_least_f32(values)  # [..., L, N, d]
+            # RMSNorm's weight scales each coordinate after the division by the token's rms, so it comes out of
+            # the sum over tokens: H = weight * sum_n v_n / rms(v_n). No normalised [..., L, N, d] copy is made.
+            rms = (torch.linalg.vector_norm(v, dim=-1).square() / v.shape[-1] + self.norm.eps).sqrt()  # [..., L, N]
+            r = 1.0 / rms if mask is None else mask[..., None, :].to(v.dtype) / rms  # padding tokens: 0
+            H = (r[..., None, :] @ v).squeeze(-2) * self.norm.weight  # [..., L, 1, N] @ [..., L, N, d] -> [..., L, d]
             logits = self.proj(H).squeeze(-1)  # [..., L]
             return F.softmax(logits / self.tau2, dim=-1)  # [..., L]
 

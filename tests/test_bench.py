@@ -31,6 +31,7 @@ def test_quick_end_to_end(tmp_path):
         assert "error" not in r, r
     for r in out["train"]:
         assert r["sec"] > 0 and r["saved"] > 0 and r["exp_tokens"] == [256, 256] and r["sec_ratio"] > 0
+        assert r["rounds"] == 2 and len(r["times"]) == 4 and len(r["round_sec_ratios"]) == 2
     assert [r["seq_len"] for r in out["capture"]] == [128, 256]
     for r in out["capture"]:
         assert all(r[f"sec_{k}"] > 0 for k in ("sdpa", "capture", "eager"))
@@ -39,6 +40,27 @@ def test_quick_end_to_end(tmp_path):
     assert out["teacher"]["passes_per_example_no_cache"] == 80.0
     assert out["targets"]["teacher_passes"]["met"] is True
     assert set(out["targets"]) == {"time", "memory", "capture_memory", "teacher_passes"}
+
+
+def test_rounds_pool_all_timed_steps():
+    """Step time: the median of every timed step of a route over its rounds; memory: the median over rounds;
+    the within-round ratio pairs each process with the dss process of its round. A failed round drops out."""
+    def run(route, i, times, work):
+        return {"kind": "train", "route": route, "round": i, "times": times, "sec": sorted(times)[1],
+                "work": work, "peak": work + 100, "base": 100, "saved": 10}
+
+    results = [run("dss", 0, [1.0, 3.0, 2.0], 50), run("molsaki", 0, [2.2, 2.4, 2.3], 60),
+               run("naive", 0, [5.0, 5.0, 5.0], 90), run("dss", 1, [4.0, 5.0, 6.0], 70),
+               run("molsaki", 1, [5.5, 4.5, 5.0], 80), {"kind": "train", "route": "naive", "round": 1, "error": "x"}]
+    rows = {r["route"]: r for r in bench.summarize(results)["train"]}
+    assert rows["dss"]["sec"] == 3.5  # 1 2 3 | 4 5 6
+    assert rows["molsaki"]["sec"] == (2.4 + 4.5) / 2  # 2.2 2.3 2.4 | 4.5 5.0 5.5
+    assert math.isclose(rows["molsaki"]["sec_ratio"], 3.45 / 3.5)
+    assert [round(x, 6) for x in rows["molsaki"]["round_sec_ratios"]] == [1.15, 1.0]
+    assert rows["molsaki"]["work"] == 70 and math.isclose(rows["molsaki"]["work_ratio"], 70 / 60)
+    assert rows["naive"]["rounds"] == 1 and rows["naive"]["sec"] == 5.0 and rows["naive"]["work"] == 90
+    assert rows["naive"]["round_sec_ratios"] == [2.5, None]
+    assert "round" not in rows["molsaki"]
 
 
 def batch_for(student, tok, n_examples=3, n_tokens=96):
@@ -76,14 +98,14 @@ def test_naive_route_equals_fast_route():
 
 def test_teacher_runs_once_per_example(monkeypatch):
     seen = []  # examples per call of the teacher's first attention layer: an independent count
-    record = attention.Capture.record
+    attend = attention.Capture.attend
 
-    def counting(self, module, query, *rest):
+    def counting(self, module, query, *rest, **kwargs):
         if module.layer_idx == 0:
             seen.append(query.shape[0])
-        return record(self, module, query, *rest)
+        return attend(self, module, query, *rest, **kwargs)
 
-    monkeypatch.setattr(attention.Capture, "record", counting)
+    monkeypatch.setattr(attention.Capture, "attend", counting)
     cfg = {"teacher": "tiny-gemma3", "cache_examples": 7, "teacher_batch_size": 3, "max_length": 128}
     out = bench.bench_teacher(cfg, torch.device("cpu"))
     warmup = seen[:1]  # bench times the pass after one warm-up batch

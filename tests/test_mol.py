@@ -175,6 +175,27 @@ def test_router_gradients_reach_norm_and_proj():
     assert router.proj.weight.grad.abs().sum() > 0
 
 
+def test_router_gradients_equal_rmsnorm_then_sum():
+    """Eq. 5 as written (RMSNorm every token, zero the padding, sum, project) through autograd: the router's
+    factored form gives the same p_s and the same gradients for the values and every parameter."""
+    router = make_router(6)
+    values = (torch.randn(2, 3, 5, 6) * 0.7).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    weights = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.0, -1.0]])
+    params = [values, router.norm.weight, router.proj.weight, router.proj.bias]
+
+    def written(v):
+        H = router.norm(v).masked_fill(~mask.bool()[:, None, :, None], 0.0).sum(-2)  # [B, L, d]
+        return torch.softmax(router.proj(H).squeeze(-1) / router.tau2, -1)
+
+    expected = written(values)
+    p = router(values, mask)
+    torch.testing.assert_close(p, expected)
+    for got, want in zip(torch.autograd.grad((p * weights).sum(), params),
+                         torch.autograd.grad((expected * weights).sum(), params), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_router_rejects_bad_mask():
     router = make_router(6)
     with pytest.raises(ValueError, match="mask"):
