@@ -11,12 +11,12 @@ Public functions
   naive route): rows [B, S, N] @ mean_h P [B, N, N] @ word membership [B, N, W].
 - `capture(model, groups, values=False)`: the fast route, for a whole batch during one ordinary forward pass.
   A needs P only on the critical tokens (the K tokens of an example's critical words), and P on a subset of
-  the keys is the softmax over that subset times the subset's total share `pi` (`critical_attention`). The
+  the keys is the softmax over that subset times the subset's total share `pi` (`critical_probs`). The
   layer's own SDPA call gives `pi`, with one more value column that is 1 on critical tokens; one matmul gives
   the [B, H, N, K] logits on the critical tokens. No [B, H, N, N] tensor ever exists, and backward keeps
   nothing of size N x K. It also records each layer's value states, the input of the student router (Eq. 5).
-- `critical_attention(query, key, pi, cols, bias, scaling)`: that identity for one layer, readable. Training
-  runs `_CriticalAttention`, the same by blocks of query rows with its gradient written by hand (a test
+- `critical_probs(query, key, pi, cols, bias, scaling)`: that identity for one layer, readable. Training
+  runs `_CriticalProbs`, the same by blocks of query rows with its gradient written by hand (a test
   checks one against the other).
 - `enable_capture(model)`: switch a loaded model to the capturing attention ("molsaki").
 
@@ -72,7 +72,7 @@ def stepwise_from_attentions_batched(attentions, groups):
 # Fast route: the layer's own SDPA call, with one more value column, and logits on the critical tokens only.
 
 EXTRA = 8  # value columns added to the layer's call: the critical-token indicator, then zeros (head size % 8 == 0)
-BLOCK = 128  # query rows per block of `_CriticalAttention`
+BLOCK = 128  # query rows per block of `_CriticalProbs`
 
 
 def _index(groups, n, device):
@@ -128,7 +128,7 @@ def _critical_keys(key, cols, heads):
     return repeat_kv(k, heads // key.shape[1]).float()
 
 
-def critical_attention(query, key, pi, cols, bias, scaling):
+def critical_probs(query, key, pi, cols, bias, scaling):
     """[B, N, K]: mean over heads of P[h, i, j] for each example's K critical tokens j = cols[b].
 
     The softmax over all N keys, restricted to a subset of them, is the softmax over the subset alone times the
@@ -137,7 +137,7 @@ def critical_attention(query, key, pi, cols, bias, scaling):
     tokens are formed, [B, H, N, K] in float32, from the query [B, H, N, D] and key [B, H_kv, N, D]. A row that
     sees no critical token gets a uniform softmax, which counts for nothing: its pi is 0.
 
-    This is the readable form; `_CriticalAttention` computes the same in place, with its gradient by hand."""
+    This is the readable form; `_CriticalProbs` computes the same in place, with its gradient by hand."""
     with torch.autocast(query.device.type, enabled=False):
         logits = query.float() @ _critical_keys(key, cols, query.shape[1]).transpose(-1, -2) * scaling  # [B, H, N, K]
         weights = (logits + bias).softmax(-1)  # [B, H, N, K]
@@ -145,14 +145,14 @@ def critical_attention(query, key, pi, cols, bias, scaling):
 
 
 def _block_softmax(query, k, bias, r0, r1, kc):
-    """The softmax of `critical_attention` for query rows r0:r1 and the first kc critical tokens [B, H, r1 - r0,
+    """The softmax of `critical_probs` for query rows r0:r1 and the first kc critical tokens [B, H, r1 - r0,
     kc] (float32); k [B, H, K, D] holds the critical keys times scaling."""
     logits = query[:, :, r0:r1].float() @ k[:, :, :kc].transpose(-1, -2)  # [B, H, r1 - r0, kc]
     return logits.add_(bias[:, :, r0:r1, :kc]).softmax(-1)
 
 
-class _CriticalAttention(torch.autograd.Function):
-    """`critical_attention` for training, by blocks of query rows (`_blocks`): the rows outside every step and
+class _CriticalProbs(torch.autograd.Function):
+    """`critical_probs` for training, by blocks of query rows (`_blocks`): the rows outside every step and
     the critical tokens that causal attention hides are skipped. No [B, H, N, K] tensor is kept for backward
     (only the inputs: the padded query and key, which the layer's SDPA call holds anyway, and pi [B, H, N]);
     the softmax is run again there, and the gradient is written by hand, in place where it can be."""
@@ -192,7 +192,7 @@ class _CriticalAttention(torch.autograd.Function):
 
 
 class Capture:
-    """What one forward pass under `capture` records: per layer A [B, S, W] and values [B, N, d]."""
+    """What one forward pass under `capture` records: per layer A [B, S, W] and values [B, H_kv, N, D]."""
 
     def __init__(self, groups, values):
         self.groups, self.keep_values = groups, values
@@ -220,7 +220,7 @@ class Capture:
         pi = pi.transpose(1, 2).contiguous()  # [B, H, N]; a copy, so that backward does not keep all of `out`
         if id(mask) not in self.biases:  # one per mask the layers get: one, or one per kind (sliding, full)
             self.biases[id(mask)] = _critical_bias(mask, cols, valid, N)
-        P = _CriticalAttention.apply(q, k, pi, cols, self.biases[id(mask)], scaling, blocks)  # [B, N, K]
+        P = _CriticalProbs.apply(q, k, pi, cols, self.biases[id(mask)], scaling, blocks)  # [B, N, K]
         with torch.autocast(query.device.type, enabled=False):  # the sums over steps and words in float32
             self.layers[module.layer_idx] = rows @ P @ member  # [B, S, N] @ [B, N, K] @ [B, K, W] -> [B, S, W]
         if self.keep_values:

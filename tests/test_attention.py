@@ -61,7 +61,7 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])  # CUDA: other SDPA kernels, same tolerances (float32)
-@pytest.mark.parametrize("block", [128, 4])  # query rows per block of _CriticalAttention: one block, or several
+@pytest.mark.parametrize("block", [128, 4])  # query rows per block of _CriticalProbs: one block, or several
 @pytest.mark.parametrize("pad_side", ["left", "right", "none"])  # none: no mask, SDPA's is_causal
 @pytest.mark.parametrize("arch", ARCHS)
 def test_capture_equals_eager(arch, pad_side, block, device, monkeypatch):
@@ -196,9 +196,9 @@ def test_blocks_skip_rows_outside_steps_and_hidden_critical_tokens(monkeypatch):
     assert attention._blocks([([], [[1]])], [[1]]) == []
 
 
-def test_critical_attention_by_hand_equals_autograd(monkeypatch):
-    """_CriticalAttention (blocks of rows, in place, softmax run again in backward, gradient by hand) against
-    autograd straight through the readable critical_attention: the same [B, N, K] and the same gradients for
+def test_critical_probs_by_hand_equals_autograd(monkeypatch):
+    """_CriticalProbs (blocks of rows, in place, softmax run again in backward, gradient by hand) against
+    autograd straight through the readable critical_probs: the same [B, N, K] and the same gradients for
     query, key and pi, with grouped-query heads, a padded critical slot, rows that see no critical token, three
     blocks of rows, under bf16 autocast."""
     monkeypatch.setattr(attention, "BLOCK", 4)
@@ -222,10 +222,10 @@ def test_critical_attention_by_hand_equals_autograd(monkeypatch):
         # to its gradient there (the extra value column is 0 on every key that row sees)
         return out, dq, dk, dpi * seen
 
-    direct = run(attention.critical_attention)
+    direct = run(attention.critical_probs)
     assert all(d.abs().sum() > 0 for d in direct)
     assert direct[0][0, 0].abs().sum() == 0 and direct[0][1, :, 2].abs().sum() == 0  # row sees none; padding slot
-    for by_hand, d in zip(run(attention._CriticalAttention.apply, blocks), direct, strict=True):
+    for by_hand, d in zip(run(attention._CriticalProbs.apply, blocks), direct, strict=True):
         torch.testing.assert_close(by_hand, d, atol=1e-6, rtol=1e-5)
 
 
