@@ -32,6 +32,8 @@ def test_quick_end_to_end(tmp_path):
     for r in out["train"]:
         assert r["sec"] > 0 and r["saved"] > 0 and r["exp_tokens"] == [256, 256] and r["sec_ratio"] > 0
         assert r["rounds"] == 2 and len(r["times"]) == 4 and len(r["round_sec_ratios"]) == 2
+        assert len(r["alt_times"]) == len(r["alt_ratios"]) == 4 and r["alt_sec"] > 0  # 2 cycles x 2 processes
+    assert out["targets"]["time"]["measured"] == "alternating"
     assert [r["seq_len"] for r in out["capture"]] == [128, 256]
     for r in out["capture"]:
         assert all(r[f"sec_{k}"] > 0 for k in ("sdpa", "capture", "eager"))
@@ -61,6 +63,56 @@ def test_rounds_pool_all_timed_steps():
     assert rows["naive"]["rounds"] == 1 and rows["naive"]["sec"] == 5.0 and rows["naive"]["work"] == 90
     assert rows["naive"]["round_sec_ratios"] == [2.5, None]
     assert "round" not in rows["molsaki"]
+
+
+def test_alternating_ratios_pair_each_cycle():
+    """Alternating: each cycle's step over the dss step of the same cycle, the median over all processes' cycles
+    (not the ratio of the medians); the time target uses it. A failed process is reported, not pooled."""
+    def alternate(i, dss, molsaki, naive):
+        return {"kind": "train", "route": "alternate", "round": i,
+                "times": {"dss": dss, "molsaki": molsaki, "naive": naive}}
+
+    def run(route, i):
+        return {"kind": "train", "route": route, "round": i, "times": [1.0], "sec": 1.0, "work": 1, "peak": 2,
+                "base": 1, "saved": 1, "router": "none"}
+
+    results = [run("dss", 0), run("molsaki", 0), run("naive", 0),
+               alternate(0, [10.0, 20.0], [11.5, 30.0], [10.0, 20.0]), run("dss", 1), run("molsaki", 1),
+               run("naive", 1), alternate(1, [30.0], [31.5], [60.0]),
+               {"kind": "train", "route": "alternate", "round": 2, "error": "MemoryError: boom"}]
+    summary = bench.summarize(results)
+    rows = {r["route"]: r for r in summary["train"]}
+    assert [round(x, 6) for x in rows["molsaki"]["alt_ratios"]] == [1.15, 1.5, 1.05]
+    assert math.isclose(rows["molsaki"]["alt_ratio"], 1.15)  # the ratio of the medians would be 30 / 20 = 1.5
+    assert rows["molsaki"]["alt_sec"] == 30.0 and rows["naive"]["alt_ratio"] == 1.0
+    assert rows["dss"]["alt_ratios"] == [1.0, 1.0, 1.0]
+    assert math.isclose(summary["targets"]["time"]["value"], 1.15) and summary["targets"]["time"]["met"] is False
+    assert summary["alternate_errors"] == ["MemoryError: boom"]
+    args = bench.parse_args(["--quick"])
+    assert "Alternating process failed: MemoryError: boom" in bench.tables(summary, args)
+
+
+def test_alternating_process_runs_the_same_steps():
+    """In the alternating process one molsaki-attention model takes all routes: its dss step must give the
+    gradients of an SDPA model's, and its naive step (switched to eager) those of an eager model's."""
+    cfg = {"model": "tiny-llama", "seq_len": 96, "batch_size": 2}
+    device = torch.device("cpu")
+
+    def gradients(attn, route):
+        torch.manual_seed(0)
+        student, tok, router, opt = bench._student(cfg, attn, device, [route])
+        step = bench._route_step(route, cfg, student, tok, router, opt, device)[0]
+        student.set_attn_implementation("eager" if route == "naive" else attn)
+        grads = []
+        opt.step = lambda: grads.extend(p.grad.clone() for g in opt.param_groups for p in g["params"])
+        step()
+        return grads, len(list(student.parameters()))
+
+    for route, own in (("dss", "sdpa"), ("naive", "eager")):
+        (shared, _), (alone, n_student) = gradients(attention.ATTN, route), gradients(own, route)
+        assert len(shared) == len(alone) and all(g.abs().sum() > 0 for g in alone[:n_student])
+        for a, b in zip(shared, alone, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def batch_for(student, tok, n_examples=3, n_tokens=96):
