@@ -697,7 +697,7 @@ def tables(summary, args):
     out = [f"Load average before / after: {m.get('loadavg_before')} / {m.get('loadavg_after')}; "
            f"OMP_NUM_THREADS={m.get('omp_num_threads')}", ""]
     if summary["train"]:
-        out += _train_table(summary["train"], args, summary.get("alternate_errors", []))
+        out += _train_table(summary["train"], args, summary["alternate_errors"])
     if summary["capture"]:
         out += _capture_table(summary["capture"], args)
     if summary["teacher"]:
