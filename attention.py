@@ -16,8 +16,8 @@ Public functions
   the [B, H, N, K] logits on the critical tokens. No [B, H, N, N] tensor ever exists, and backward keeps
   nothing of size N x K. It also records each layer's value states, the input of the student router (Eq. 5).
 - `critical_probs(query, key, pi, cols, bias, scaling)`: that identity for one layer, readable. Training
-  runs `_CriticalProbs`, the same by blocks of query rows with its gradient written by hand (a test
-  checks one against the other).
+  runs `_CriticalProbs`, the same by blocks of query rows, one matmul per key-value head, with its gradient
+  written by hand (a test checks one against the other).
 - `enable_capture(model)`: switch a loaded model to the capturing attention ("molsaki").
 
 The attention function is registered with `sdpa_mask`, so it receives exactly the mask plain SDPA receives
@@ -122,10 +122,9 @@ def _critical_bias(mask, cols, valid, n):
     return torch.zeros(hidden.shape, device=cols.device).masked_fill_(hidden, torch.finfo(torch.float32).min)
 
 
-def _critical_keys(key, cols, heads):
-    """[B, H, K, D] float32: the keys of the critical tokens cols [B, K], repeated for grouped-query heads."""
-    k = key.gather(2, cols[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))  # [B, H_kv, K, D]
-    return repeat_kv(k, heads // key.shape[1]).float()
+def _critical_keys(key, cols):
+    """[B, H_kv, K, D] float32: the keys of the critical tokens cols [B, K]."""
+    return key.gather(2, cols[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1])).float()
 
 
 def critical_probs(query, key, pi, cols, bias, scaling):
@@ -139,35 +138,40 @@ def critical_probs(query, key, pi, cols, bias, scaling):
 
     This is the readable form; `_CriticalProbs` computes the same in place, with its gradient by hand."""
     with torch.autocast(query.device.type, enabled=False):
-        logits = query.float() @ _critical_keys(key, cols, query.shape[1]).transpose(-1, -2) * scaling  # [B, H, N, K]
+        k = repeat_kv(_critical_keys(key, cols), query.shape[1] // key.shape[1])  # [B, H, K, D]
+        logits = query.float() @ k.transpose(-1, -2) * scaling  # [B, H, N, K]
         weights = (logits + bias).softmax(-1)  # [B, H, N, K]
-        return (pi.float()[..., None] * weights).mean(1)  # [B, N, K]
+        return (pi.float()[..., None] * weights).mean(1)  # [B, H, N, K] -> [B, N, K]
 
 
 def _block_softmax(query, k, bias, r0, r1, kc):
-    """The softmax of `critical_probs` for query rows r0:r1 and the first kc critical tokens [B, H, r1 - r0,
-    kc] (float32); k [B, H, K, D] holds the critical keys times scaling."""
-    logits = query[:, :, r0:r1].float() @ k[:, :, :kc].transpose(-1, -2)  # [B, H, r1 - r0, kc]
-    return logits.add_(bias[:, :, r0:r1, :kc]).softmax(-1)
+    """The softmax of `critical_probs` for query rows r0:r1 and the first kc critical tokens, heads grouped by
+    their key-value head (one matmul per key-value head, no repeated keys): w [B, H_kv, G, n, kc] (float32), and
+    the query rows q [B, H_kv, G * n, D] it used. k [B, H_kv, K, D] holds the critical keys times scaling."""
+    B, Hkv, _, D = k.shape
+    G, n = query.shape[1] // Hkv, r1 - r0
+    q = query[:, :, r0:r1].float().reshape(B, Hkv, G * n, D)  # heads h = kv * G + g, as repeat_kv orders them
+    logits = (q @ k[:, :, :kc].transpose(-1, -2)).view(B, Hkv, G, n, kc)  # [B, H_kv, G, n, kc]
+    return logits.add_(bias[:, :, None, r0:r1, :kc]).softmax(-1), q
 
 
 class _CriticalProbs(torch.autograd.Function):
     """`critical_probs` for training, by blocks of query rows (`_blocks`): the rows outside every step and
     the critical tokens that causal attention hides are skipped. No [B, H, N, K] tensor is kept for backward
-    (only the inputs: the padded query and key, which the layer's SDPA call holds anyway, and pi [B, H, N]);
-    the softmax is run again there, and the gradient is written by hand, in place where it can be."""
+    (only the inputs: the query and key, which the layer's SDPA call holds anyway, and pi [B, H, N]); the
+    softmax is run again there, and the gradient is written by hand, in place where it can be."""
 
     @staticmethod
     def forward(ctx, query, key, pi, cols, bias, scaling, blocks):
         ctx.save_for_backward(query, key, pi, cols, bias)
         ctx.scaling, ctx.blocks = scaling, blocks
-        B, H, N, D = query.shape
+        B, H, N, _ = query.shape
         with torch.autocast(query.device.type, enabled=False):
-            k = _critical_keys(key, cols, H) * scaling  # [B, H, K, D]
+            k = _critical_keys(key, cols) * scaling  # [B, H_kv, K, D]
             out = torch.zeros(B, N, cols.shape[1], device=query.device)  # [B, N, K]
             for r0, r1, kc in blocks:
-                w = _block_softmax(query, k, bias, r0, r1, kc)  # [B, H, n, kc]
-                out[:, r0:r1, :kc] = w.mul_(pi[:, :, r0:r1, None].float()).mean(1)
+                w, _ = _block_softmax(query, k, bias, r0, r1, kc)  # [B, H_kv, G, n, kc]
+                out[:, r0:r1, :kc] = w.mul_(_grouped(pi, r0, r1, k.shape[1])).mean((1, 2))
         return out
 
     @staticmethod
@@ -175,20 +179,28 @@ class _CriticalProbs(torch.autograd.Function):
         query, key, pi, cols, bias = ctx.saved_tensors
         B, H, N, D = query.shape
         with torch.autocast(query.device.type, enabled=False):
-            k = _critical_keys(key, cols, H) * ctx.scaling  # [B, H, K, D]
-            dq, dk = torch.zeros(B, H, N, D, device=query.device), torch.zeros_like(k)  # [B, H, N, D], [B, H, K, D]
+            k = _critical_keys(key, cols) * ctx.scaling  # [B, H_kv, K, D]
+            dq, dk = torch.zeros(B, H, N, D, device=query.device), torch.zeros_like(k)  # [B, H, N, D], [B, H_kv, K, D]
             dpi = torch.zeros(B, H, N, device=query.device)
             for r0, r1, kc in ctx.blocks:
-                w = _block_softmax(query, k, bias, r0, r1, kc)  # [B, H, n, kc]
-                t = w * grad[:, None, r0:r1, :kc]  # [B, H, n, kc]
-                dpi[:, :, r0:r1] = t.sum(-1) / H
-                # softmax backward: d logits = pi / H * (t - w * sum_k t), and sum_k t = H * dpi
-                t.addcmul_(w, dpi[:, :, r0:r1, None], value=-H).mul_(pi[:, :, r0:r1, None].float() / H)
-                dq[:, :, r0:r1] = t @ k[:, :, :kc]
-                dk[:, :, :kc] += t.transpose(-1, -2) @ query[:, :, r0:r1].float()
-            dk = (dk * ctx.scaling).view(B, key.shape[1], H // key.shape[1], *dk.shape[2:]).sum(2)  # [B, H_kv, K, D]
+                w, q = _block_softmax(query, k, bias, r0, r1, kc)  # [B, H_kv, G, n, kc], [B, H_kv, G * n, D]
+                t = w * grad[:, None, None, r0:r1, :kc]  # [B, H_kv, G, n, kc]
+                t_sum = t.sum(-1, keepdim=True)  # [B, H_kv, G, n, 1]: H times d pi
+                dpi[:, :, r0:r1] = t_sum.view(B, H, r1 - r0) / H
+                # softmax backward: d logits = pi / H * (t - w * sum_k t)
+                t.addcmul_(w, t_sum, value=-1).mul_(_grouped(pi, r0, r1, k.shape[1]) / H)
+                t = t.view(q.shape[:3] + (kc,))  # [B, H_kv, G * n, kc]
+                dq[:, :, r0:r1] = (t @ k[:, :, :kc]).view(B, H, r1 - r0, D)
+                dk[:, :, :kc] += t.transpose(-1, -2) @ q
+            dk *= ctx.scaling
             dkey = torch.zeros(key.shape, device=key.device).scatter_add_(2, cols[:, None, :, None].expand_as(dk), dk)
         return dq.to(query.dtype), dkey.to(key.dtype), dpi.to(pi.dtype), None, None, None, None
+
+
+def _grouped(pi, r0, r1, heads_kv):
+    """pi [B, H, N] on rows r0:r1, as [B, H_kv, G, n, 1] float32."""
+    B, H, _ = pi.shape
+    return pi[:, :, r0:r1].float().view(B, heads_kv, H // heads_kv, r1 - r0, 1)
 
 
 class Capture:
@@ -220,7 +232,8 @@ class Capture:
         pi = pi.transpose(1, 2).contiguous()  # [B, H, N]; a copy, so that backward does not keep all of `out`
         if id(mask) not in self.biases:  # one per mask the layers get: one, or one per kind (sliding, full)
             self.biases[id(mask)] = _critical_bias(mask, cols, valid, N)
-        P = _CriticalProbs.apply(q, k, pi, cols, self.biases[id(mask)], scaling, blocks)  # [B, N, K]
+        # views of the padded q and k (held for the SDPA backward anyway): their first D columns
+        P = _CriticalProbs.apply(q[..., :D], k[..., :D], pi, cols, self.biases[id(mask)], scaling, blocks)  # [B, N, K]
         with torch.autocast(query.device.type, enabled=False):  # the sums over steps and words in float32
             self.layers[module.layer_idx] = rows @ P @ member  # [B, S, N] @ [B, N, K] @ [B, K, W] -> [B, S, W]
         if self.keep_values:
