@@ -404,7 +404,7 @@ def bench_alternate(cfg, device):
     steps = {r: _route_step(r, cfg, student, tok, router, opt, device)[0] for r in TRAIN_ROUTES}
     routes, times = list(TRAIN_ROUTES), {r: [] for r in TRAIN_ROUTES}
     for cycle in range(1 + cfg["steps"]):
-        for route in routes[cycle % 3:] + routes[:cycle % 3]:
+        for route in routes[cycle % len(routes):] + routes[:cycle % len(routes)]:
             student.set_attn_implementation(TRAIN_ROUTES[route] if route == "naive" else attention.ATTN)
             _sync(device)
             t0 = time.perf_counter()
