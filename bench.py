@@ -487,7 +487,8 @@ def pin_malloc():
     except (OSError, TypeError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    # trim threshold -1: never (its largest positive value, 2**31 - 1, still trims once 2 GB lie free at the top)
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def run_one(cfg):
