@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import attention
@@ -218,13 +219,13 @@ def test_pin_malloc_keeps_freed_memory():
             "p = libc.malloc(n)\n"
             "libc.memset(p, 1, n)\n"
             "libc.free(p)\n"
-            "print(pinned, (bench._rss('VmRSS') - before) / 2**30)\n")
+            "print(pinned, before is not None and (bench._rss('VmRSS') - before) / 2**30)\n")
     kept = {}
-    for pin in ("0", "1"):
+    for pin in ("1", "0"):
         proc = subprocess.run([sys.executable, "-c", code, pin], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         pinned, gb = proc.stdout.split()
-        if pin == "1" and pinned != "True":  # not glibc: nothing to check
-            return
+        if pin == "1" and (pinned != "True" or gb == "False"):
+            pytest.skip("pin_malloc needs glibc, the RSS meter /proc")
         kept[pin] = float(gb)
     assert kept["0"] < 0.1 and kept["1"] > 2.4, kept
