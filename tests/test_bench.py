@@ -91,6 +91,8 @@ def test_alternating_ratios_pair_each_cycle():
     assert summary["alternate_errors"] == ["MemoryError: boom"]
     args = bench.parse_args(["--quick"])
     assert "Alternating process failed: MemoryError: boom" in bench.tables(summary, args)
+    without_train = bench.summarize([{"kind": "teacher", "passes_per_example": 1.0}])["targets"]["time"]
+    assert without_train == {"value": None, "target": "<= 1.1", "measured": None, "met": None}
 
 
 def test_alternating_process_runs_the_same_steps():
