@@ -613,7 +613,7 @@ def summarize(results):
     largest = next((row for row in reversed(capture) if row["extra_ratio"] is not None), {})
     targets = {
         "time": {"value": mol_row.get("alt_ratio", mol_row.get("sec_ratio")), "target": f"<= {TARGETS['time']}",
-                 "measured": mol_row and ("alternating" if "alt_ratio" in mol_row else "own processes") or None},
+                 "measured": ("alternating" if "alt_ratio" in mol_row else "own processes") if mol_row else None},
         "memory": {"value": mol_row.get("work_ratio"), "target": f"<= {TARGETS['memory']}"},
         "capture_memory": {"value": largest.get("extra_ratio"), "seq_len": largest.get("seq_len"),
                            "target": f">= {TARGETS['capture_memory']}"},

@@ -91,8 +91,9 @@ def test_alternating_ratios_pair_each_cycle():
     assert summary["alternate_errors"] == ["MemoryError: boom"]
     args = bench.parse_args(["--quick"])
     assert "Alternating process failed: MemoryError: boom" in bench.tables(summary, args)
-    without_train = bench.summarize([{"kind": "teacher", "passes_per_example": 1.0}])["targets"]["time"]
-    assert without_train == {"value": None, "target": "<= 1.1", "measured": None, "met": None}
+    without_train = bench.summarize([])
+    assert without_train["targets"]["time"] == {"value": None, "target": "<= 1.1", "measured": None, "met": None}
+    assert "| molsaki / dss step time <= 1.1 | - | not run |" in bench.tables(without_train, args)
 
 
 def test_alternating_process_runs_the_same_steps():
@@ -221,13 +222,15 @@ def test_pin_malloc_keeps_freed_memory():
             "p = libc.malloc(n)\n"
             "libc.memset(p, 1, n)\n"
             "libc.free(p)\n"
-            "print(pinned, before is not None and (bench._rss('VmRSS') - before) / 2**30)\n")
+            "print(pinned, (bench._rss('VmRSS') - before) / 2**30)\n")
+    if not Path("/proc/self/status").exists():
+        pytest.skip("the RSS meter needs /proc")
     kept = {}
     for pin in ("1", "0"):
         proc = subprocess.run([sys.executable, "-c", code, pin], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         pinned, gb = proc.stdout.split()
-        if pin == "1" and (pinned != "True" or gb == "False"):
-            pytest.skip("pin_malloc needs glibc, the RSS meter /proc")
+        if pin == "1" and pinned != "True":
+            pytest.skip("pin_malloc needs glibc")
         kept[pin] = float(gb)
     assert kept["0"] < 0.1 and kept["1"] > 2.4, kept
