@@ -374,7 +374,8 @@ def _student(cfg, attn, device, routes):
     student.to(device).train()
     router = None
     if any(_uses_router(r, student) for r in routes):
-        router = mol.StudentRouter(train._value_dim(student.config), train.parse_args([]).tau2).to(device)
+        router = mol.StudentRouter(train._value_dim(student.config), student.config.num_hidden_layers,
+                                   train.parse_args([]).tau2).to(device)
     params = list(student.parameters()) + (list(router.parameters()) if router else [])
     return student, tok, router, torch.optim.AdamW(params, lr=1e-6)
 

@@ -2,8 +2,10 @@
 
 - `resolve_data_dir(path)`: the data directory (`--data-dir`, else env `MOLSAKI_DATA`).
 - `load_dataset(name, split, data_dir)`: records `{id, question, answer, choices?}` (names: `SPLITS`).
-- `load_palm_rationales(name, split, data_dir)`: `{id, rationale, teacher_answer, phase}` from the PaLM-540B
-  CoT of Distilling Step-by-Step (DSS), svamp or csqa, kept where PaLM's answer equals gold.
+- `load_palm_rationales(name, split, data_dir, keep)`: `{id, rationale, teacher_answer, phase}` from the PaLM-540B
+  CoT of Distilling Step-by-Step (DSS), svamp or csqa: every item with a rationale (keep="all", as DSS trains),
+  or only those whose PaLM answer equals gold (keep="correct").
+- `split_answer(text)`: (r, statement), a teacher's output cut before its final answer statement (SPEC §2).
 - `safe_eval(expr)`: the value of an arithmetic expression (numbers, + - * /, parentheses, unary minus).
 - `format_number(x)`: a gold number as text ("42", "0.5", "0.666667": at most 6 decimals).
 - `teacher_rationales(model, tok, records, path)`: dual-phase few-shot CoT (SPEC §7), resumable JSONL.
@@ -19,11 +21,13 @@ Choices the spec leaves open:
   ValueError. Remainder problems keep ASDiv's rounded answer ("200/28=7 r4" -> "8").
 - csqa: the official v1.11 files (split "test" = dev), their order and ids. Ids elsewhere: "svamp-train-0",
   "gsm8k-test-0", "singleeq-<iIndex>", ASDiv's "nluds-0001".
-- PaLM: the text before the first "Q:"; the answer is the rest of the line after the last "The answer is"
-  (svamp) or "So the answer is" (csqa). svamp evaluates that whole expression ("(16 * 17) * 4" -> 1088,
-  where DSS's regex reads "(16 * 17)"); csqa keeps an item when the answer names exactly one letter, the
-  gold one ("(a) ocean or (b) sea" is dropped). The final sentence is rewritten from gold ("The answer is
-  42.", "So the answer is (c) wooded area."); PaLM's other words and line breaks stay. phase = 0.
+- PaLM: the text before the first "Q:", split at the last "The answer is" (svamp) or "So the answer is"
+  (csqa); r is the part before it (stripped), kept when the marker is there and r is not empty. PaLM's answer
+  is the rest of that line: svamp evaluates the whole expression ("(16 * 17) * 4" -> 1088, where DSS's regex
+  reads "(16 * 17)"); csqa's is the letter when the answer names exactly one ("(a) ocean or (b) sea" names
+  none). It is correct when it equals gold; L_pre trains on gold whatever PaLM answered. phase = 0.
+- Rationales never hold their answer statement (SPEC §2): the teacher's, PaLM's and the built-in ones are cut
+  before the last "the answer is" / "so the answer is" (any case); the answer is learned by L_pre alone.
 """
 
 import ast
@@ -191,11 +195,15 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None) -> list[dic
     return _LOADERS[name](resolve_data_dir(data_dir), split)
 
 
-def load_palm_rationales(name: str, split: str, data_dir: str | Path | None) -> list[dict]:
-    """PaLM-540B CoT of DSS for svamp or csqa: `{id, rationale, teacher_answer, phase: 0}` for the items
-    whose PaLM answer equals gold, in `load_dataset(name, split)` order."""
+def load_palm_rationales(name: str, split: str, data_dir: str | Path | None, keep: str = "all") -> list[dict]:
+    """PaLM-540B CoT of DSS for svamp or csqa: `{id, rationale, teacher_answer, phase: 0}` in
+    `load_dataset(name, split)` order, for every item whose output has the answer marker and a non-empty
+    rationale before it (keep="all", DSS's use) or only those whose PaLM answer equals gold (keep="correct").
+    `teacher_answer` is PaLM's answer ("42", "(c) wooded area") or None when it cannot be read."""
     if (name, split) not in _PALM_FILES:
         raise ValueError(f"no PaLM rationales for {name!r}/{split!r}; valid: svamp or csqa, train or test")
+    if keep not in ("all", "correct"):
+        raise ValueError(f"keep must be 'all' or 'correct', got {keep!r}")
     root = resolve_data_dir(data_dir)
     records = load_dataset(name, split, root)
     folder = root / ("svamp" if name == "svamp" else "commonsenseqa") / "distilling_step_by_step"
@@ -208,27 +216,31 @@ def load_palm_rationales(name: str, split: str, data_dir: str | Path | None) -> 
         raise ValueError(f"{folder}: {len(outputs)} PaLM outputs do not match the {len(records)} records")
     by_id = dict(zip(ids, outputs, strict=True))
     marker = "The answer is" if name == "svamp" else "So the answer is"
-    kept = []
+    usable = []  # (row, correct)
     for r in records:
         where, output = by_id[r["id"]]
         if not isinstance(output, str):
             raise ValueError(f"{where}: expected a string")
         reasoning, found, answer = output.split("Q:")[0].rpartition(marker)
-        answer = answer.strip().split("\n")[0].strip() if found else ""  # the rest of the answer's line
+        rationale, answer = reasoning.strip(), answer.strip().split("\n")[0].strip()  # the rest of the line
+        if not found or not rationale:
+            continue
         if name == "svamp":
             try:
                 value = safe_eval(answer.removesuffix("."))
             except ValueError:
-                continue
-            if abs(value - float(r["answer"])) >= 1e-4:
-                continue
-            teacher = format_number(value)
-        elif re.findall(r"\(([a-e])\)", answer) == [r["answer"][1]]:
-            teacher = r["answer"]
+                value = None
+            teacher = None if value is None else format_number(value)
+            correct = value is not None and abs(value - float(r["answer"])) < 1e-4
         else:
-            continue
-        rationale = f"{reasoning.rstrip()} {marker} {r['answer']}.".lstrip()
-        kept.append({"id": r["id"], "rationale": rationale, "teacher_answer": teacher, "phase": 0})
+            letters = re.findall(r"\(([a-e])\)", answer)
+            teacher = f"({letters[0]}) {r['choices'][LETTERS.index(letters[0])]}" if len(letters) == 1 else None
+            correct = letters == [r["answer"][1]]
+        usable.append(({"id": r["id"], "rationale": rationale, "teacher_answer": teacher, "phase": 0}, correct))
+    kept = [row for row, correct in usable if keep == "all" or correct]
+    print(f"[data] PaLM {name}/{split}: {len(usable)} of {len(records)} items have a rationale before "
+          f"{marker!r} (--palm-filter all), {sum(c for _, c in usable)} of them with PaLM's answer equal to gold "
+          f"(--palm-filter correct); keeping {len(kept)} ({keep})")
     return kept
 
 
@@ -273,16 +285,29 @@ def cot_prompt(record: dict, with_gold: bool) -> str:
     return "".join(parts) + f"Question: {record['question']}\n{gold.format(a=record['answer'])}Rationale:"
 
 
-def cut_rationale(output: str, record: dict) -> tuple[str, object]:
-    """The rationale up to its "answer is" sentence, and the answer it states (None when there is none)."""
+ANSWER_STATEMENT = re.compile(r"(?:\bso\s+)?\bthe\s+answer\s+is\b", re.IGNORECASE)
+
+
+def split_answer(text: str) -> tuple[str, str]:
+    """(r, statement): `text` cut before its last answer statement, "The answer is ..." or "So the answer is
+    ..." in any case (SPEC §2); both stripped, statement "" when there is none."""
+    hits = list(ANSWER_STATEMENT.finditer(text))
+    if not hits:
+        return text.strip(), ""
+    return text[:hits[-1].start()].strip(), text[hits[-1].start():].strip()
+
+
+def cut_rationale(output: str, record: dict) -> tuple[str, str, object]:
+    """(r, statement, answer) of a teacher output: its first block cut before the last answer statement, that
+    statement up to the end of its sentence, and the answer it states (None when there is no statement)."""
     text = output.split("\nQuestion:")[0].split("\n\n")[0].strip()
-    found = re.search(r"\A.*answer is[^\n]*?(\.(?=\s|$)|$)", text, re.IGNORECASE | re.DOTALL | re.MULTILINE)
-    if found is None:
-        return text, None
-    text = found.group(0).strip()
+    rationale, statement = split_answer(text)
+    if not statement:
+        return rationale, "", None
+    statement = re.match(r"[^\n]*?(\.(?=\s|$)|$)", statement, re.MULTILINE).group(0)
     if task_of(record) == "csqa":
-        return text, eval_.parse_choice(text, record["choices"], "cot")
-    return text, eval_.parse_math(text, "cot")
+        return rationale, statement, eval_.parse_choice(statement, record["choices"], "cot")
+    return rationale, statement, eval_.parse_math(statement, "cot")
 
 
 def _resume(path: Path) -> list[dict]:
@@ -299,14 +324,23 @@ def _resume(path: Path) -> list[dict]:
 def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: int = 8,
                        max_new_tokens: int = 128, chunk: int = 64) -> list[dict]:
     """Dual-phase CoT (SPEC §7) with every attempt appended to the JSONL `path` as it is made, so that a
-    re-run continues where it stopped. Returns `{id, rationale, teacher_answer, phase}` of correct items."""
+    re-run continues where it stopped. An attempt is kept when its answer equals gold and its rationale is
+    not empty; phase 2 asks for the items phase 1 kept nothing of. Returns `{id, rationale, teacher_answer,
+    phase}` of the kept items, in `records` order."""
     path = Path(path)
     attempts = {}  # id -> {phase: attempt}
     for row in _resume(path):
+        if "statement" not in row:
+            raise ValueError(f"{path} holds rationales written before they were cut before their answer "
+                             "statement (SPEC §2); delete it or choose another --out")
         attempts.setdefault(row["id"], {})[row["phase"]] = row
+
+    def kept(a):
+        return a["correct"] and a["rationale"]
+
     for phase in (1, 2):
         todo = [r for r in records if phase not in attempts.get(r["id"], {})
-                and not any(a["correct"] for a in attempts.get(r["id"], {}).values())]
+                and not any(kept(a) for a in attempts.get(r["id"], {}).values())]
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             prompts = [cot_prompt(r, with_gold=phase == 2) for r in part]
@@ -314,15 +348,19 @@ def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: 
                                       desc=f"rationales phase {phase} [{start}/{len(todo)}]")
             with open(path, "a") as f:
                 for r, output in zip(part, outputs, strict=True):
-                    rationale, answer = cut_rationale(output, r)
-                    row = {"id": r["id"], "rationale": rationale, "phase": phase,
+                    rationale, statement, answer = cut_rationale(output, r)
+                    row = {"id": r["id"], "rationale": rationale, "statement": statement, "phase": phase,
                            "teacher_answer": format_number(answer) if isinstance(answer, float) else answer,
                            "correct": eval_.is_correct(answer, r["answer"], task_of(r))}
                     attempts.setdefault(r["id"], {})[phase] = row
                     f.write(json.dumps(row) + "\n")
-    kept = [next(a for a in attempts[r["id"]].values() if a["correct"]) for r in records
-            if any(a["correct"] for a in attempts.get(r["id"], {}).values())]
-    return [{k: a[k] for k in ("id", "rationale", "teacher_answer", "phase")} for a in kept]
+    chosen = [next(a for a in attempts[r["id"]].values() if kept(a)) for r in records
+              if any(kept(a) for a in attempts.get(r["id"], {}).values())]
+    empty = sum(any(a["correct"] for a in attempts.get(r["id"], {}).values()) for r in records) - len(chosen)
+    print(f"[data] teacher rationales: {len(chosen)} of {len(records)} items kept "
+          f"({sum(a['phase'] == 1 for a in chosen)} phase 1, {sum(a['phase'] == 2 for a in chosen)} phase 2); "
+          f"{empty} correct but empty before the answer statement, {len(records) - len(chosen) - empty} wrong")
+    return [{k: a[k] for k in ("id", "rationale", "teacher_answer", "phase")} for a in chosen]
 
 
 def teacher_keywords(model, tokenizer, examples: list[dict], path, batch_size: int = 8) -> dict[str, list[str]]:
@@ -342,7 +380,8 @@ def teacher_keywords(model, tokenizer, examples: list[dict], path, batch_size: i
 
 def keyword_prompt(question: str, rationale: str) -> str:
     """CSQA: ask the teacher for the 3-8 keywords crucial to its reasoning (paper App. B.2)."""
-    parts = [f"Question: {q}\nRationale: {r}\nKeywords: {', '.join(k)}\n\n" for q, r, _, k in CSQA_SHOTS]
+    parts = [f"Question: {q}\nRationale: {split_answer(r)[0]}\nKeywords: {', '.join(k)}\n\n"
+             for q, r, _, k in CSQA_SHOTS]  # the rationale as the student sees it: without its answer
     return "".join(parts) + f"Question: {question}\nRationale: {rationale}\nKeywords:"
 
 

@@ -1,7 +1,8 @@
 """Evaluation (SPEC §8): greedy answers of the student on test sets, parsed and scored (paper Table 1).
 
 No paper equation lives here. Two modes:
-    answer  the answer task (`data.PRE_PROMPT`), greedy, up to 16 new tokens (as DSS and the paper score);
+    answer  the answer task (`data.PRE_PROMPT`), greedy, up to 16 new tokens: Distilling Step-by-Step's
+            protocol, the default (the paper does not say how it reads answers);
     cot     the rationale task (`data.EXP_PROMPT`), greedy, up to 128 new tokens, answer read from it.
 
 Public functions:

@@ -3,7 +3,7 @@
 Public functions:
     column_gradient(A [L, S, W]) -> G [L]                  Eq. 4, the mean column gradient of each layer
     teacher_layer_weights(A [L, S, W], tau1) -> p_t [L]    Eq. 4, softmax(G / tau1), a constant
-    StudentRouter(dim, tau2)(values [L, N, d], mask [N]) -> p_s [L]   Eq. 5, learnable
+    StudentRouter(dim, n_layers, tau2)(values [L, N, d], mask [N]) -> p_s [L]   Eq. 5, learnable
     mix_layers(A [L, S, W], p [L]) -> [S, W]               the weighted sums that open Eq. 6
     parse_layer_map(spec, n_teacher, n_student) -> (t, s)  the SL ablation (Table 2), "T:S" 1-based or "last"
     one_hot_weights(index, n) -> [n]                       the weight vector that replaces p_t / p_s under SL
@@ -14,7 +14,9 @@ Choices the paper leaves open (SPEC section 5):
 - The router sums the normalised value vectors over the real (mask = 1) tokens only, as Eq. 5 writes a
   sum (not a mean). It runs in float32 with autocast off, whatever dtype the values arrive in, and its
   parameters are meant to stay float32.
-- The router's `proj` starts at zero, so p_s starts uniform. Eq. 5 sums (not averages) over ~100 tokens,
+- b is one bias per student layer, b in R^L (SPEC §5): one scalar added to every layer's logit would cancel in
+  the softmax and never change p_s; per layer it is a learned prior over the layers.
+- The router's `proj` and `bias` start at zero, so p_s starts uniform. Eq. 5 sums (not averages) over ~100 tokens,
   so with PyTorch's default init the logits differ by hundreds and p_s is one-hot from the first step, with
   gradients ~1e-10: the router could never learn. From zero, p_s moves away from uniform as training goes
   (on SmolLM2: max weight 0.03 -> 0.24 in 12 steps at lr 1e-4).
@@ -50,15 +52,15 @@ def teacher_layer_weights(A: Tensor, tau1: float = 0.1) -> Tensor:
 
 
 class StudentRouter(nn.Module):
-    """Eq. 5: p_s = softmax((H w + b) / tau2), H[l] = sum over tokens of RMSNorm(V_l)."""
+    """Eq. 5: p_s = softmax((H w + b) / tau2), H[l] = sum over tokens of RMSNorm(V_l), b[l] per layer."""
 
-    def __init__(self, dim: int, tau2: float = 0.5):
+    def __init__(self, dim: int, n_layers: int, tau2: float = 0.5):
         super().__init__()
         self.tau2 = tau2
         self.norm = nn.RMSNorm(dim, eps=1e-6)  # one norm over d, shared by all layers
-        self.proj = nn.Linear(dim, 1)  # w: d -> 1, with bias b
+        self.proj = nn.Linear(dim, 1, bias=False)  # w: d -> 1
+        self.bias = nn.Parameter(torch.zeros(n_layers))  # b: one per layer
         nn.init.zeros_(self.proj.weight)  # p_s starts uniform: every layer takes part (see the module docstring)
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, values: Tensor, mask: Tensor | None = None) -> Tensor:
         # values: [..., L, N, d], mask: [..., N] with 1 = real token, 0 = padding
@@ -73,7 +75,9 @@ class StudentRouter(nn.Module):
             rms = (torch.linalg.vector_norm(v, dim=-1).square() / v.shape[-1] + self.norm.eps).sqrt()  # [..., L, N]
             r = 1.0 / rms if mask is None else mask[..., None, :].to(v.dtype) / rms  # padding tokens: 0
             H = (r[..., None, :] @ v).squeeze(-2) * self.norm.weight  # [..., L, 1, N] @ [..., L, N, d] -> [..., L, d]
-            logits = self.proj(H).squeeze(-1)  # [..., L]
+            if H.shape[-2] != self.bias.shape[0]:
+                raise ValueError(f"values have {H.shape[-2]} layers, the router {self.bias.shape[0]}")
+            logits = self.proj(H).squeeze(-1) + self.bias  # [..., L]
             return F.softmax(logits / self.tau2, dim=-1)  # [..., L]
 
 

@@ -106,7 +106,7 @@ def student_weights(args, state, values, n_teacher):
     L2 = values.shape[0]
     if args.layer_map:
         return mol.one_hot_weights(mol.parse_layer_map(args.layer_map, n_teacher, L2)[1], L2)
-    router = mol.StudentRouter(values.shape[-1], args.tau2)
+    router = mol.StudentRouter(values.shape[-1], L2, args.tau2)
     router.load_state_dict(state["router"])
     return router(values)
 

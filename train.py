@@ -35,6 +35,8 @@ import problems
 import spans
 
 METHODS = ("vanilla", "dss", "mmi", "molsaki")
+EVAL_SETS = {"builtin": "builtin", "svamp": "svamp,singleeq,asdiv,gsm8k", "gsm8k": "svamp,singleeq,asdiv,gsm8k",
+             "csqa": "csqa"}  # each task scored on its own test sets (SPEC §8)
 
 
 # Schedule defaults: the paper's (SPEC §9, GPT-2 students; TinyLlama used --lr 1e-4 --max-steps 2000) for real
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     a("--data-dir", default=None, help="folder of the real data sets (else $MOLSAKI_DATA)")
     a("--rationales", default=None, choices=["builtin", "teacher", "palm"],
       help="rationale source (builtin: --data builtin only; palm: svamp or csqa); None = builtin or teacher")
+    a("--palm-filter", default="all", choices=["all", "correct"],
+      help="PaLM items kept: every one with a rationale (all, as DSS) or only those PaLM answered right")
     a("--n-train", type=int, default=200, help="number of built-in training problems")
     a("--method", default="molsaki", choices=METHODS, help="training objective (SPEC §6)")
     a("--alpha", type=float, default=0.5, help="weight of L_pre; L_exp gets 1 - alpha (Eq. 7)")
@@ -66,6 +70,7 @@ def parse_args(argv=None):
     a("--grad-accum", type=int, default=1, help="micro-batches per process and step")
     a("--max-steps", type=int, default=None, help="optimizer steps; None = 4000 (paper), 50 (builtin)")
     a("--warmup", type=int, default=None, help="linear warmup steps, then linear decay; None = 0 (paper), 5")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0, as the HF Trainer DSS used)")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     a("--seed", type=int, default=0, help="model init of the router and data order")
     a("--max-length", type=int, default=512, help="tokens per text (student and teacher)")
@@ -73,13 +78,15 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from --out/checkpoint")
     a("--teacher-batch-size", type=int, default=8, help="batch of the teacher's generation and attention pass")
     a("--eval-sets", default=None,
-      help="comma-separated, '' for none; None = builtin for builtin data, else svamp,singleeq,asdiv,gsm8k")
+      help="comma-separated, '' for none; None = the training task's sets (EVAL_SETS)")
     a("--eval-batch-size", type=int, default=16, help="batch of the final evaluation")
     a("--out", default=None, help="run directory; None = runs/<data>[-palm]-<method>[-sl<T>-<S>]-s<seed>")
     args = p.parse_args(argv)
     for k, v in SCHEDULE["builtin" if args.data == "builtin" else "paper"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.eval_sets is None:
+        args.eval_sets = EVAL_SETS[args.data]
     if args.beta is None:
         args.beta = {"molsaki": 1.0, "mmi": 0.1}.get(args.method, 0.0)
     args.rationales = args.rationales or ("builtin" if args.data == "builtin" else "teacher")
@@ -98,22 +105,26 @@ def parse_args(argv=None):
 
 
 def training_examples(args):
-    """Train records joined with their rationales (and CSQA keywords): `{id, question, answer, rationale}`."""
+    """Train records joined with their rationales (and CSQA keywords): `{id, question, answer, rationale}`.
+    Every rationale ends before its answer statement (SPEC §2); the answer target of L_pre is always gold."""
     if args.data == "builtin":
         records = problems.make_problems(args.n_train, seed=0)
     else:
         records = data.load_dataset(args.data, "train", args.data_dir)
-    if args.method == "vanilla" or args.rationales == "builtin":
-        return [dict(r, rationale=r.get("rationale", "")) for r in records]
-    if args.rationales == "palm":
-        kept = data.load_palm_rationales(args.data, "train", args.data_dir)
+    if args.method == "vanilla":
+        return [dict(r, rationale="") for r in records]
+    if args.rationales == "builtin":
+        kept = [{"id": r["id"], "rationale": data.split_answer(r["rationale"])[0]} for r in records]
+    elif args.rationales == "palm":
+        kept = data.load_palm_rationales(args.data, "train", args.data_dir, args.palm_filter)
     else:
         teacher, tok = _teacher(args)
         kept = _rank0_first(lambda: data.teacher_rationales(teacher, tok, records, args.out / "rationales.jsonl",
                                                             args.teacher_batch_size))
     by_id = {r["id"]: r for r in records}
-    examples = [dict(by_id[k["id"]], rationale=k["rationale"]) for k in kept]
-    print(f"[train] {len(examples)} of {len(records)} items have a correct rationale ({args.rationales})")
+    examples = [dict(by_id[k["id"]], rationale=k["rationale"]) for k in kept if k["rationale"]]
+    print(f"[train] {len(examples)} of {len(records)} items have a rationale ({args.rationales}); "
+          f"{len(records) - len(examples)} not kept")
     if args.data == "csqa" and args.method == "molsaki":  # critical words = the teacher's keywords
         teacher, tok = _teacher(args)
         keywords = _rank0_first(lambda: data.teacher_keywords(teacher, tok, examples, args.out / "keywords.jsonl",
@@ -339,7 +350,7 @@ def train(args):
     args.out.mkdir(parents=True, exist_ok=True)
     examples = training_examples(args)
     if not examples:
-        raise ValueError("no training examples with a correct rationale")
+        raise ValueError("no training examples with a rationale")
     cache = teacher_cache(args, examples) if args.method == "molsaki" else None
     _TEACHER.clear()  # the teacher is not needed from here on
 
@@ -350,9 +361,9 @@ def train(args):
     feats = features(args, examples, tok, cache, student.config.num_hidden_layers)
     router = None
     if args.method == "molsaki" and not args.layer_map:
-        router = mol.StudentRouter(_value_dim(student.config), args.tau2).to(device)
+        router = mol.StudentRouter(_value_dim(student.config), student.config.num_hidden_layers, args.tau2).to(device)
     params = list(student.parameters()) + (list(router.parameters()) if router else [])
-    opt = torch.optim.AdamW(params, lr=args.lr)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / max(1, args.warmup),
                            max(0.0, (args.max_steps - s) / max(1, args.max_steps - args.warmup))))
@@ -360,6 +371,11 @@ def train(args):
     if args.resume:
         state = torch.load(source / "trainer_state.pt", weights_only=False)
         if router:
+            saved = set(state["router"] or {})
+            if saved != set(router.state_dict()):
+                raise ValueError(f"--resume: the router in {source} has parameters {sorted(saved)}, this code's "
+                                 f"router {sorted(router.state_dict())} (Eq. 5 now has one bias per layer); "
+                                 "start the run again in a new --out")
             router.load_state_dict(state["router"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -432,9 +448,9 @@ def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves like Ctrl-C
     row = train(args)
-    if _rank() == 0 and args.eval_sets != "":
-        sets = (args.eval_sets or ("builtin" if args.data == "builtin" else "svamp,singleeq,asdiv,gsm8k")).split(",")
-        eval_.run(args.out / "checkpoint", sets, args.data_dir, batch_size=args.eval_batch_size, out=args.out)
+    if _rank() == 0 and args.eval_sets:
+        eval_.run(args.out / "checkpoint", args.eval_sets.split(","), args.data_dir, batch_size=args.eval_batch_size,
+                  out=args.out)
     if dist.is_initialized():
         dist.destroy_process_group()
     print(f"[train] run directory: {args.out}")

@@ -134,7 +134,7 @@ def test_naive_route_equals_fast_route():
     student, tok = bench.load("tiny-llama", attention.ATTN)
     args, feats, batch = batch_for(student, tok)
     torch.manual_seed(1)
-    router = mol.StudentRouter(train._value_dim(student.config), args.tau2)
+    router = mol.StudentRouter(train._value_dim(student.config), student.config.num_hidden_layers, args.tau2)
     device = torch.device("cpu")
     params = list(student.parameters()) + list(router.parameters())
 

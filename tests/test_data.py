@@ -191,22 +191,27 @@ def palm_outputs(folder, split, files):
 @needs_data
 def test_palm_svamp_against_the_dss_parse():
     records = load("svamp", "train")
-    kept = load_palm_rationales("svamp", "train", DATA)
-    print(f"PaLM svamp train kept {len(kept)} / 800 = {len(kept) / 800:.1%}")
+    kept = load_palm_rationales("svamp", "train", DATA)  # keep="all": every item with a rationale, as DSS trains
+    correct = load_palm_rationales("svamp", "train", DATA, keep="correct")
+    print(f"PaLM svamp train kept {len(kept)} (all) / {len(correct)} (correct) of 800")
     gold = {r["id"]: r["answer"] for r in records}
     assert [k["id"] for k in kept] == [r["id"] for r in records if r["id"] in {k["id"] for k in kept}]
-    for k in kept:
-        assert k["rationale"].endswith(f". The answer is {gold[k['id']]}.") and k["rationale"].count("Q:") == 0
-        assert k["teacher_answer"] == gold[k["id"]] and k["phase"] == 0
+    for k in kept:  # r ends before the answer statement (SPEC §2)
+        assert "answer is" not in k["rationale"].lower() and k["rationale"].count("Q:") == 0 and k["rationale"]
+        assert k["rationale"] == k["rationale"].strip() and k["phase"] == 0
+    assert {k["id"] for k in correct} == {k["id"] for k in kept if k["teacher_answer"] == gold[k["id"]]}
     assert kept[0]["rationale"] == ("Luke scored 84 points after 2 rounds. So he scored 84 points in 2 rounds. "
-                                    "84 / 2 = 42. The answer is 42.")
-    # oracle: DSS's parse (one "The answer is", then the greedy "(...)" regex) keeps 586. The whole final
-    # expression keeps 594: 9 more, where the answer goes on after the first bracket ("(16 * 17) * 4"),
-    # and 1 fewer, "(31 * 6) / 19" (= 9.79, gold 186), which DSS's regex reads as "(31 * 6)".
+                                    "84 / 2 = 42.")
+    # oracle: DSS's loader (text before "Q:", split at "The answer is", r the part before it) keeps every
+    # output with the marker; 11 of 800 have none. For the correct filter, DSS's greedy "(...)" regex keeps 586.
+    # The whole final expression keeps 594: 9 more, where the answer goes on after the first bracket
+    # ("(16 * 17) * 4"), and 1 fewer, "(31 * 6) / 19" (= 9.79, gold 186), which DSS's regex reads as "(31 * 6)".
     outputs = palm_outputs(DATA / "svamp" / "distilling_step_by_step", "train", 2)
-    dss, tails = set(), {}
+    dss, tails, with_marker = set(), {}, {}
     for r, out in zip(records, outputs, strict=True):
         parts = out.split("Q:")[0].rstrip().split("The answer is")
+        if len(parts) > 1:
+            with_marker[r["id"]] = "The answer is".join(parts[:-1]).strip()
         match = re.search(r"\(.*\)", parts[-1]) if len(parts) == 2 else None
         tails[r["id"]] = parts[-1].strip().split("\n")[0].removesuffix(".")
         try:
@@ -214,26 +219,34 @@ def test_palm_svamp_against_the_dss_parse():
                 dss.add(r["id"])
         except ValueError:
             pass
-    ours = {k["id"] for k in kept}
+    assert {k["id"]: k["rationale"] for k in kept} == {i: t for i, t in with_marker.items() if t}
+    assert len(kept) == 789
+    ours = {k["id"] for k in correct}
     assert len(dss) == 586 and len(ours) == 594
     assert len(ours - dss) == 9 and all(re.search(r"\)\s*[-+*/]", tails[i]) for i in ours - dss)
     assert [tails[i] for i in dss - ours] == ["(31 * 6) / 19"]
-    assert len(load_palm_rationales("svamp", "test", DATA)) == 155
+    assert len(load_palm_rationales("svamp", "test", DATA)) == 198
+    assert len(load_palm_rationales("svamp", "test", DATA, keep="correct")) == 155
+    with pytest.raises(ValueError, match="keep"):
+        load_palm_rationales("svamp", "test", DATA, keep="right")
 
 
 @needs_data
 def test_palm_csqa_against_the_dss_parse():
     records = load("csqa", "train")
     kept = load_palm_rationales("csqa", "train", DATA)
-    share = len(kept) / len(records)
-    print(f"PaLM csqa train kept {len(kept)} / {len(records)} = {share:.1%}")
+    correct = load_palm_rationales("csqa", "train", DATA, keep="correct")
+    share = len(correct) / len(records)
+    print(f"PaLM csqa train kept {len(kept)} (all) / {len(correct)} (correct) of {len(records)}")
     gold = {r["id"]: r["answer"] for r in records}
+    assert len(kept) == len(records) == 9741  # every CSQA output has the marker and a rationale
     for k in kept:
-        assert k["rationale"].endswith(f". So the answer is {gold[k['id']]}.") and k["teacher_answer"] == gold[k["id"]]
+        assert "So the answer is" not in k["rationale"] and k["rationale"]  # "the closest answer is" may stay
+    assert all(k["teacher_answer"] == gold[k["id"]] for k in correct)
     by_id = {k["id"]: k for k in load_palm_rationales("csqa", "test", DATA)}
     assert by_id["080ef6941410139d6869e78122bc741e"]["rationale"] == (
         "The answer must be the place where beavers get their supplies. Of the above choices, only wooded areas "
-        "have the supplies that beavers need. So the answer is (c) wooded area.")
+        "have the supplies that beavers need.")
     # oracle: DSS compares the text after "(x)" with the answer text, case-sensitively: 74.3% (README).
     # The letter comparison keeps 7333 (75.3%): more, as "(c) California." names the gold "(c) california",
     # and fewer, as answers naming two letters ("(a) ocean or (b) sea.") are dropped.
@@ -245,5 +258,6 @@ def test_palm_csqa_against_the_dss_parse():
         if len(parts) > 1 and parts[1].strip().removesuffix(".") == row["answer"]:
             dss.add(row["id"])
     assert len(dss) == 7234 and round(len(dss) / len(records), 3) == 0.743
-    assert len(kept) == 7333 and abs(share - 0.743) < 0.015
-    assert len(load_palm_rationales("csqa", "test", DATA)) == 957
+    assert len(correct) == 7333 and abs(share - 0.743) < 0.015
+    assert len(load_palm_rationales("csqa", "test", DATA)) == 1221
+    assert len(load_palm_rationales("csqa", "test", DATA, keep="correct")) == 957

@@ -84,7 +84,7 @@ def brute_router(router, values, mask=None):
     L, N, d = values.shape
     weight = router.norm.weight.detach().double()
     w = router.proj.weight.detach().double()[0]
-    b = float(router.proj.bias.detach())
+    b = router.bias.detach().double()
     logits = []
     for layer in range(L):
         h = torch.zeros(d, dtype=torch.float64)
@@ -94,31 +94,52 @@ def brute_router(router, values, mask=None):
             x = values[layer, i].double()
             rms = math.sqrt(float((x * x).mean()) + 1e-6)
             h += x / rms * weight
-        logits.append(float(h @ w) + b)
+        logits.append(float(h @ w + b[layer]))
     exps = [math.exp((z - max(logits)) / router.tau2) for z in logits]
     return torch.tensor([e / sum(exps) for e in exps], dtype=torch.float64)
 
 
-def make_router(d, tau2=0.5, seed=0):
+def make_router(d, n_layers=3, tau2=0.5, seed=0):
     torch.manual_seed(seed)
-    router = StudentRouter(d, tau2=tau2)
+    router = StudentRouter(d, n_layers, tau2=tau2)
     with torch.no_grad():  # non-trivial weights (as after training), so that all of Eq. 5 is really used
         router.norm.weight.uniform_(0.5, 1.5)
         router.proj.weight.normal_(0.0, 0.5)
-        router.proj.bias.fill_(0.3)
+        router.bias.normal_(0.0, 1.0)
     return router
 
 
 def test_fresh_router_is_uniform_and_learns():
-    router = StudentRouter(6)
+    router = StudentRouter(6, 5)
+    assert router.proj.bias is None and router.bias.shape == (5,)
     values = torch.randn(5, 40, 6) * 3 + 1  # large, correlated sums over 40 tokens
     torch.testing.assert_close(router(values), torch.full((5,), 0.2))
     (router(values) * torch.arange(5.0)).sum().backward()
     assert router.proj.weight.grad.abs().sum() > 0  # the gradient that moves p_s away from uniform
+    assert router.bias.grad.abs().sum() > 0
+
+
+def test_router_bias_per_layer_moves_p_s():
+    """b has one entry per layer (SPEC §5): a non-zero b changes p_s by exactly softmax(b / tau2) when w = 0,
+    and gets a gradient; one scalar added to every layer (the old nn.Linear bias) would change nothing."""
+    router = StudentRouter(6, 4, tau2=0.5)
+    values = torch.randn(4, 7, 6)
+    with torch.no_grad():
+        router.bias.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    p = router(values)
+    torch.testing.assert_close(p, torch.softmax(torch.tensor([0.5, -1.0, 0.0, 2.0]) / 0.5, -1))
+    (p * torch.tensor([1.0, 0.0, 0.0, 0.0])).sum().backward()
+    grad = router.bias.grad
+    assert grad.abs().sum() > 0 and grad[0] > 0 > grad[3]  # raising b[0] raises p_s[0]
+    with torch.no_grad():
+        router.bias.add_(3.0)  # the same shift for every layer: p_s unchanged
+    torch.testing.assert_close(router(values), p)
+    with pytest.raises(ValueError, match="layers"):
+        router(torch.randn(3, 7, 6))
 
 
 def test_router_matches_brute_force():
-    router = make_router(8, tau2=0.5)
+    router = make_router(8, 4, tau2=0.5)
     values = torch.randn(4, 5, 8) * 0.3  # [L, N, d]
     p = router(values)
     assert p.dtype == torch.float32 and p.shape == (4,)
@@ -138,7 +159,7 @@ def test_router_padding_does_not_change_result():
 
 
 def test_router_batched_equals_per_example():
-    router = make_router(6, tau2=0.5, seed=1)
+    router = make_router(6, 3, tau2=0.5, seed=1)
     L, d, lengths = 3, 6, [5, 2, 4]
     N = max(lengths)
     examples = [torch.randn(L, n, d) * 0.2 for n in lengths]
@@ -169,10 +190,8 @@ def test_router_gradients_reach_norm_and_proj():
     router = make_router(6)
     p = router(torch.randn(3, 4, 6), torch.tensor([1, 1, 0, 1]))
     (p * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
-    for param in (router.norm.weight, router.proj.weight, router.proj.bias):
-        assert param.grad is not None
-    assert router.norm.weight.grad.abs().sum() > 0
-    assert router.proj.weight.grad.abs().sum() > 0
+    for param in (router.norm.weight, router.proj.weight, router.bias):
+        assert param.grad is not None and param.grad.abs().sum() > 0
 
 
 def test_router_gradients_equal_rmsnorm_then_sum():
@@ -182,11 +201,11 @@ def test_router_gradients_equal_rmsnorm_then_sum():
     values = (torch.randn(2, 3, 5, 6) * 0.7).requires_grad_()
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     weights = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.0, -1.0]])
-    params = [values, router.norm.weight, router.proj.weight, router.proj.bias]
+    params = [values, router.norm.weight, router.proj.weight, router.bias]
 
     def written(v):
         H = router.norm(v).masked_fill(~mask.bool()[:, None, :, None], 0.0).sum(-2)  # [B, L, d]
-        return torch.softmax(router.proj(H).squeeze(-1) / router.tau2, -1)
+        return torch.softmax((router.proj(H).squeeze(-1) + router.bias) / router.tau2, -1)
 
     expected = written(values)
     p = router(values, mask)

@@ -73,37 +73,39 @@ def test_shots_are_right():
     for q, r, a in MATH_SHOTS:
         for lhs, rhs in re.findall(r"([\d.]+ [-+*/] [\d.]+) = ([\d.]+)", r):
             assert data.safe_eval(lhs) == pytest.approx(float(rhs))
-        assert cut_rationale(r, {"question": q, "answer": a}) == (r, float(a))
+        assert cut_rationale(r, {"question": q, "answer": a}) == (*data.split_answer(r), float(a))
     for q, r, a, keywords in CSQA_SHOTS:
         choices = re.findall(r"\([a-e]\) ([^(]+?)(?= \(|$)", q.split("Answer Choices: ")[1])
         assert len(choices) == 5 and f"({a[1]}) {choices['abcde'.index(a[1])]}" == a
-        assert cut_rationale(r, {"question": q, "answer": a, "choices": choices}) == (r, a[1])
+        assert cut_rationale(r, {"question": q, "answer": a, "choices": choices}) == (*data.split_answer(r), a[1])
         assert 3 <= len(keywords) <= 8
-        for k in keywords:
-            assert spans.keyword_spans(r, [k]), k
+        for k in keywords:  # in the rationale the student sees, without its answer statement
+            assert spans.keyword_spans(data.split_answer(r)[0], [k]), k
 
 
 @pytest.mark.parametrize("output, record, expected", [
     # run-on continuation: the teacher goes on with the next few-shot question
+    # (r, the answer statement, its answer): r ends before the statement (SPEC §2)
     (" Ann has 3 * 4 = 12 pens. The answer is 12.\n\nQuestion: Bob has 2 cats. Rationale: The answer is 2.",
-     MEAL, ("Ann has 3 * 4 = 12 pens. The answer is 12.", 12.0)),
-    (" 3 * 4 = 12. The answer is 12.\nQuestion: next", MEAL, ("3 * 4 = 12. The answer is 12.", 12.0)),
+     MEAL, ("Ann has 3 * 4 = 12 pens.", "The answer is 12.", 12.0)),
+    (" 3 * 4 = 12. The answer is 12.\nQuestion: next", MEAL, ("3 * 4 = 12.", "The answer is 12.", 12.0)),
     # text after the answer sentence on the same line is cut; decimals and money keep their points and commas
     (" The rope is 7.5 - 2.25 = 5.25 m. The answer is 5.25. Next, we", MEAL,
-     ("The rope is 7.5 - 2.25 = 5.25 m. The answer is 5.25.", 5.25)),
+     ("The rope is 7.5 - 2.25 = 5.25 m.", "The answer is 5.25.", 5.25)),
     (" 12 * 100 = 1,200 dollars. The answer is $1,200.", MEAL,
-     ("12 * 100 = 1,200 dollars. The answer is $1,200.", 1200.0)),
-    # an answer line without a final period, followed by another line
-    (" 3 * 4 = 12. The answer is 12\nAnswer: 12", MEAL, ("3 * 4 = 12. The answer is 12", 12.0)),
-    (" The answer is 12", MEAL, ("The answer is 12", 12.0)),
+     ("12 * 100 = 1,200 dollars.", "The answer is $1,200.", 1200.0)),
+    # the last statement counts; an answer line without a final period, followed by another line
+    (" The answer is 3 * 4. 3 * 4 = 12. the answer is 12\nAnswer: 12", MEAL,
+     ("The answer is 3 * 4. 3 * 4 = 12.", "the answer is 12", 12.0)),
+    (" The answer is 12", MEAL, ("", "The answer is 12", 12.0)),  # right, but nothing before it: not kept
     # no "answer is": no answer, even though the text has numbers
     (" Ann has 3 bags and 4 pens in each, 12 in all.\n\nQuestion: x", MEAL,
-     ("Ann has 3 bags and 4 pens in each, 12 in all.", None)),
-    # CSQA: the letter, or the choice text when the letter is missing
+     ("Ann has 3 bags and 4 pens in each, 12 in all.", "", None)),
+    # CSQA: the letter, or the choice text when the letter is missing; "So" belongs to the statement
     (" A long day uses up energy. So the answer is (b) tired.\n\nQuestion: Where", TIRED,
-     ("A long day uses up energy. So the answer is (b) tired.", "b")),
-    (" So the answer is bored. It was dull.", TIRED, ("So the answer is bored.", "c")),
-    (" People rest.", TIRED, ("People rest.", None)),
+     ("A long day uses up energy.", "So the answer is (b) tired.", "b")),
+    (" It was dull. So the answer is bored. Yes.", TIRED, ("It was dull.", "So the answer is bored.", "c")),
+    (" People rest.", TIRED, ("People rest.", "", None)),
 ])
 def test_cut_rationale(output, record, expected):
     assert cut_rationale(output, record) == expected
@@ -173,7 +175,7 @@ def _rows(path):
 
 
 def _expected_kept(records, right1, right2):
-    return [{"id": r["id"], "rationale": r["rationale"], "teacher_answer": r["answer"],
+    return [{"id": r["id"], "rationale": data.split_answer(r["rationale"])[0], "teacher_answer": r["answer"],
              "phase": 1 if i in right1 else 2} for i, r in enumerate(records) if i in right1 | right2]
 
 
@@ -194,6 +196,37 @@ def test_phase2_only_for_failures_and_only_correct_kept(six, tmp_path, monkeypat
     again = FakeTeacher(six, set(), set())
     monkeypatch.setattr(models, "generate", again)
     assert teacher_rationales(None, None, six, path) == kept and again.calls == []
+
+
+def test_correct_but_empty_rationale_goes_to_phase2(six, tmp_path, monkeypatch, capsys):
+    """An attempt right in its answer but with nothing before the answer statement is not kept (SPEC §7):
+    phase 2 asks again, and an item empty in both phases is counted as not kept."""
+    def generate(model, tokenizer, prompts, max_new_tokens, batch_size=16, desc=""):
+        out = []
+        for question, phase in (_asked(p) for p in prompts):
+            r = next(r for r in six if r["question"] == question)
+            if phase == 2 and r is six[0]:
+                out.append(f" {r['rationale']}")
+            else:
+                out.append(f" The answer is {r['answer']}.")  # right, nothing before it
+        return out
+
+    monkeypatch.setattr(models, "generate", generate)
+    kept = teacher_rationales(None, None, six, tmp_path / "r.jsonl")
+    assert kept == _expected_kept(six, set(), {0})
+    assert [(r["phase"], r["correct"], r["rationale"]) for r in _rows(tmp_path / "r.jsonl")][:2] == [(1, True, "")] * 2
+    assert "1 of 6 items kept (0 phase 1, 1 phase 2); 5 correct but empty" in capsys.readouterr().out
+
+
+def test_rationale_file_from_before_the_cut_is_refused(six, tmp_path):
+    """A rationales.jsonl whose rows kept the answer statement inside the rationale (no "statement" field) is
+    an error, never mixed with rationales cut before it."""
+    path = tmp_path / "r.jsonl"
+    old = {"id": six[0]["id"], "rationale": six[0]["rationale"], "phase": 1, "teacher_answer": six[0]["answer"],
+           "correct": True}
+    path.write_text(json.dumps(old) + "\n")
+    with pytest.raises(ValueError, match="before they were cut before their answer statement"):
+        teacher_rationales(None, None, six, path)
 
 
 def test_crash_resume_asks_only_for_the_rest(six, tmp_path, monkeypatch):
@@ -348,7 +381,7 @@ def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, mon
     monkeypatch.setattr(models, "load_model", spy_load)
     args = _args(tiny_teacher_dir, tmp_path, "--rationales", "builtin")
     examples = train.training_examples(args)
-    assert [(e["id"], e["rationale"]) for e in examples] == [(p["id"], p["rationale"])
+    assert [(e["id"], e["rationale"]) for e in examples] == [(p["id"], p["rationale"].rsplit(" The answer is", 1)[0])
                                                             for p in problems.make_problems(9, seed=0)]
     assert loads == []  # built-in rationales need no teacher
     cache = train.teacher_cache(args, examples)
@@ -374,6 +407,14 @@ def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, mon
     changed = [dict(examples[0], rationale="The answer is 1.")] + examples[1:]
     with pytest.raises(ValueError, match="texts"):
         train.teacher_cache(args, changed)
+    # a cache built before rationales were cut before their answer statement (SPEC §2) is refused
+    before = [dict(e, rationale=p["rationale"]) for e, p in zip(examples, problems.make_problems(9, seed=0),
+                                                                strict=True)]
+    assert all(b["rationale"].startswith(e["rationale"] + " The answer is ") for b, e in zip(before, examples,
+                                                                                             strict=True))
+    data.save_atomic(dict(cache, meta=dict(cache["meta"], texts=texts_hash(before))), tmp_path / "teacher_cache.pt")
+    with pytest.raises(ValueError, match="differs in: texts"):
+        train.teacher_cache(args, examples)
 
 
 def test_train_teacher_rationales_written_then_reused(tiny_teacher_dir, tmp_path, monkeypatch):
@@ -384,7 +425,9 @@ def test_train_teacher_rationales_written_then_reused(tiny_teacher_dir, tmp_path
     args = _args(tiny_teacher_dir, tmp_path, "--rationales", "teacher")
     examples = train.training_examples(args)
     assert fake.asked(2) == [2, 3, 4, 6, 7, 8] and fake.calls[0]["batch_size"] == 4
-    assert examples == [records[i] for i in (0, 1, 2, 5, 8)]  # joined with the records, in record order
+    # joined with the records, in record order, each rationale without its answer statement
+    assert examples == [dict(records[i], rationale=records[i]["rationale"].rsplit(" The answer is", 1)[0])
+                        for i in (0, 1, 2, 5, 8)]
     assert len(_rows(tmp_path / "rationales.jsonl")) == 15
     monkeypatch.setattr(models, "generate", FakeTeacher(records, set(), set(), fail_on=1))
     assert train.training_examples(args) == examples  # resumed from the file: the teacher is not asked

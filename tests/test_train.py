@@ -113,7 +113,7 @@ def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path, 
     student, tok = models.load_model(tiny_student_dir, attn_implementation=attention.ATTN)
     feats = train.features(args, examples, tok, cache, student.config.num_hidden_layers)
     torch.manual_seed(0)
-    router = mol.StudentRouter(train._value_dim(student.config), args.tau2)
+    router = mol.StudentRouter(train._value_dim(student.config), student.config.num_hidden_layers, args.tau2)
     with torch.no_grad():  # w = 0 at init gives the norm no gradient; a small w, as after a few steps
         router.proj.weight.normal_(0.0, 1e-3)
     batch = train.collate(feats, tok.pad_token_id)
@@ -273,3 +273,57 @@ def test_log_rows_match_the_training_that_happened(tiny_teacher_dir, tiny_studen
     train.main([*args, "--resume", "--max-steps", "6"])
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert read_log(tmp_path)[4]["loss"] != 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. As Distilling Step-by-Step trains and scores (SPEC §7-§9), and Eq. 5's bias per layer on --resume.
+
+DATA = Path(os.environ.get("MOLSAKI_DATA") or ROOT.parent / "shared" / "data")
+
+
+def test_dss_optimizer_schedule_and_eval_sets():
+    for data_name, sets in [("builtin", "builtin"), ("svamp", "svamp,singleeq,asdiv,gsm8k"),
+                            ("gsm8k", "svamp,singleeq,asdiv,gsm8k"), ("csqa", "csqa")]:
+        args = train.parse_args(["--data", data_name])
+        assert args.eval_sets == sets and args.weight_decay == 0.0 and args.max_grad_norm == 1.0
+    paper = train.parse_args(["--data", "svamp"])
+    assert (paper.warmup, paper.lr, paper.batch_size, paper.max_steps) == (0, 5e-5, 16, 4000)
+    assert train.parse_args(["--data", "csqa", "--eval-sets", ""]).eval_sets == ""
+
+
+def test_optimizer_has_no_weight_decay_and_decays_linearly(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "dss", "--warmup", "0", steps=4))
+    group = state(tmp_path)["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.0
+    assert [r["lr"] for r in read_log(tmp_path)] == pytest.approx([3e-3 * (4 - s) / 4 for s in (1, 2, 3, 4)])
+
+
+def test_resume_refuses_a_router_without_per_layer_bias(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    """A checkpoint whose router has the old keys (nn.Linear(d, 1) with its scalar bias) is a clear error."""
+    train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "molsaki", steps=2))
+    path = tmp_path / "checkpoint" / "trainer_state.pt"
+    saved = torch.load(path, weights_only=False)
+    assert set(saved["router"]) == {"norm.weight", "proj.weight", "bias"} and saved["router"]["bias"].shape == (3,)
+    router = saved["router"]
+    saved["router"] = {"norm.weight": router["norm.weight"], "proj.weight": router["proj.weight"],
+                       "proj.bias": torch.zeros(1)}
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match="one bias per layer"):
+        train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "molsaki", "--resume", steps=3))
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
+def test_palm_filter_counts_and_gold_answers(capsys):
+    """--palm-filter all (default) keeps every SVAMP item with a PaLM rationale, as DSS; correct keeps those
+    PaLM answered right. The L_pre target is gold either way."""
+    records = {r["id"]: r for r in train.data.load_dataset("svamp", "train", DATA)}
+    counts = {}
+    for keep in ("all", "correct"):
+        args = train.parse_args(["--data", "svamp", "--data-dir", str(DATA), "--rationales", "palm", "--method",
+                                 "dss", "--palm-filter", keep])
+        examples = train.training_examples(args)
+        counts[keep] = len(examples)
+        assert all(e["answer"] == records[e["id"]]["answer"] and e["rationale"] for e in examples)
+        assert not any("The answer is" in e["rationale"] for e in examples)
+    assert counts == {"all": 789, "correct": 594}
+    assert "789 of 800 items have a rationale" in capsys.readouterr().out
