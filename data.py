@@ -2,6 +2,7 @@
 
 - `resolve_data_dir(path)`: the data directory (`--data-dir`, else env `MOLSAKI_DATA`).
 - `load_dataset(name, split, data_dir)`: records `{id, question, answer, choices?}` (names: `SPLITS`).
+- `load_file(path)`: the same records from a JSON / JSONL file of problems, its format detected (`FILE_FORMATS`).
 - `load_palm_rationales(name, split, data_dir, keep)`: `{id, rationale, teacher_answer, phase}` from the PaLM-540B
   CoT of Distilling Step-by-Step (DSS), svamp or csqa: every item with a rationale (keep="all", as DSS trains),
   or only those whose PaLM answer equals gold (keep="correct").
@@ -193,6 +194,59 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None) -> list[dic
         valid = ", ".join(f"{n}/{s}" for n, splits in SPLITS.items() for s in splits)
         raise ValueError(f"unknown dataset/split {name!r}/{split!r}; valid: {valid}")
     return _LOADERS[name](resolve_data_dir(data_dir), split)
+
+
+FILE_FORMATS = """one JSON array or JSON Lines, every record in one of these formats:
+  {question, answer}                math; answer a number ("42", 42, "1,200")
+  {question, answer: "#### 42"}     GSM8K; the number after the last "####"
+  {question, choices, answer}       CSQA; choices the option texts, answer "(c) text"
+  {sQuestion, lSolutions}           SingleEq, AddSub, MultiArith; the first solution
+and an optional "id" (default: <file name>-<index>)"""
+
+
+def _file_record(stem: str, i: int, r: dict) -> dict:
+    if not isinstance(r, dict):
+        raise TypeError(f"expected an object, got {type(r).__name__}")
+    id_ = str(r.get("id", f"{stem}-{i}"))
+    if "sQuestion" in r:
+        return {"id": id_, "question": _text(r["sQuestion"]), "answer": format_number(float(r["lSolutions"][0]))}
+    question, answer = _text(r["question"]), r["answer"]
+    if "choices" in r:
+        texts = [_text(c) for c in r["choices"]]
+        found = re.fullmatch(r"\(([a-e])\)\s*(.*)", _text(answer))
+        if not 2 <= len(texts) <= len(LETTERS) or not found or LETTERS.index(found.group(1)) >= len(texts):
+            raise ValueError(f"expected 2-5 choices and an answer '(x) text' naming one, got {answer!r}")
+        listed = " ".join(f"({a}) {t}" for a, t in zip(LETTERS, texts))
+        k = LETTERS.index(found.group(1))
+        return {"id": id_, "question": f"{question}\nAnswer Choices: {listed}", "answer": f"({LETTERS[k]}) {texts[k]}",
+                "choices": texts}
+    if isinstance(answer, str) and "####" in answer:
+        answer = answer.rpartition("####")[2]
+    if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
+        raise ValueError(f"answer {answer!r} is not a number")
+    return {"id": id_, "question": question, "answer": format_number(float(str(answer).strip().replace(",", "")))}
+
+
+def load_file(path: str | Path) -> list[dict]:
+    """Records `{id, question, answer, choices?}` of a file of problems (`FILE_FORMATS`); a malformed record is
+    a ValueError naming the file and the record."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it ({e})") from None
+    try:
+        rows = _json_array(path) if text.lstrip().startswith("[") else _jsonl(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise ValueError(f"{path}: no records")
+    records = _convert(rows, lambda i, r: _file_record(path.stem, i, r))
+    if len({task_of(r) for r in records}) > 1:
+        raise ValueError(f"{path}: mixes CSQA records (with choices) and math records")
+    if len({r["id"] for r in records}) != len(records):
+        raise ValueError(f"{path}: two records have the same id")
+    return records
 
 
 def load_palm_rationales(name: str, split: str, data_dir: str | Path | None, keep: str = "all") -> list[dict]:

