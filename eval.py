@@ -23,7 +23,6 @@ a, b, c, ...) is scored as CSQA, any other as math. `builtin` names the built-in
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
@@ -129,8 +128,6 @@ def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_
     _check_mode(mode)
     out = Path(out if out is not None else checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    if data_dir is None:
-        data_dir = os.environ.get("MOLSAKI_DATA", Path(__file__).resolve().parent.parent / "shared" / "data")
     model, tokenizer = load_model(str(checkpoint))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     accuracies, rows = {}, ["| set | n | accuracy % |", "|---|---|---|"]
@@ -151,7 +148,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="save_pretrained folder (model + tokenizer)")
     parser.add_argument("--sets", default="svamp,singleeq,asdiv,gsm8k",
                         help="comma-separated: svamp, singleeq, asdiv, gsm8k, csqa, builtin")
-    parser.add_argument("--data-dir", default=None, help="default: $MOLSAKI_DATA or <repo>/../shared/data")
+    parser.add_argument("--data-dir", default=None, help="default: $MOLSAKI_DATA, else ~/.cache/molsaki/data "
+                        "(a missing file is fetched)")
     parser.add_argument("--mode", choices=sorted(NEW_TOKENS), default="answer")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="first N items of each set")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data
 from data import (
     EXP_PROMPT,
     PRE_PROMPT,
@@ -67,8 +68,8 @@ def test_missing_data_dir_message(tmp_path, monkeypatch):
         resolve_data_dir(missing)
     assert "MOLSAKI_DATA" in str(err.value) and str(missing) in str(err.value)
     monkeypatch.delenv("MOLSAKI_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="MOLSAKI_DATA"):
-        resolve_data_dir(None)
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache" / "molsaki" / "data")
+    assert resolve_data_dir(None) == tmp_path / "cache" / "molsaki" / "data" and data.CACHE.is_dir()  # created
     monkeypatch.setenv("MOLSAKI_DATA", str(tmp_path))
     assert resolve_data_dir(None) == tmp_path
 

@@ -1,0 +1,222 @@
+"""Tests for data.py's fetching (SPEC §11) against a real HTTP server on 127.0.0.1, started here, that serves the
+offline copy at the URLs of `data.FILES` (Distilling Step-by-Step's datasets.zip built here from it): a full
+fetch the loaders then read, a re-fetch that downloads nothing, and each fault (wrong bytes, 404, a connection
+closed mid-file, a dead port) a one-line error that leaves nothing half-written, followed by a fetch that works."""
+
+import hashlib
+import io
+import os
+import socket
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import data
+from data import FILES, SPLITS, DataUnavailable, ensure_files, fetch, files_of, load_dataset, load_palm_rationales
+
+DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
+
+
+def sources(paths, entry=lambda member: member, replace=None) -> dict[str, bytes]:
+    """URL path -> body serving the offline copies of `paths` (keys of FILES); a zip member is stored under
+    `entry(member)` in its zip; `replace` (path -> bytes) serves other bytes for a file."""
+    bodies, zips = {}, {}
+    for p in paths:
+        s = FILES[p]
+        url = f"/{s.repo}/{s.commit}/{s.path}"
+        body = (replace or {}).get(p) or (DATA / p).read_bytes()
+        if s.member:
+            zips.setdefault(url, {})[entry(s.member)] = body
+        else:
+            bodies[url] = body
+    for url, members in zips.items():
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+            z.writestr(entry("datasets/esnli/esnli_test.json"), b"{}\n")  # a member no loader reads
+            for name, body in members.items():
+                z.writestr(name, body)
+        bodies[url] = buf.getvalue()
+    return bodies
+
+
+def url_of(path: str) -> str:
+    s = FILES[path]
+    return f"/{s.repo}/{s.commit}/{s.path}"
+
+
+class Server:
+    """`files`: URL path -> body (else 404); `requests`: the paths asked for; a path in `cut` is answered with its
+    full Content-Length but only half its body, then the connection closes."""
+
+    def __init__(self):
+        self.files, self.requests, self.cut = {}, [], set()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append(self.path)
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if self.path in outer.cut else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    s = Server()
+    monkeypatch.setenv("MOLSAKI_DATA_URL", s.url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "data").mkdir()
+    return tmp_path / "data"
+
+
+def dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def listing(root: Path) -> list[str]:  # every file under root, hidden ones included
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@needs_data
+def test_table_matches_the_offline_copy():
+    for path, s in FILES.items():
+        assert sha256(DATA / path) == s.sha256, path
+        assert s.dataset in SPLITS and len(s.commit) == 40 and int(s.commit, 16) >= 0
+        assert s.member is None or (s.path == "datasets.zip" and s.member.startswith("datasets/"))
+    assert sorted(p for name in SPLITS for p in files_of(name)) == sorted(FILES)
+    assert "svamp/distilling_step_by_step/llm/train_CoT_1.json" in files_of("svamp")
+    assert "commonsenseqa/distilling_step_by_step/cqa_test.json" in files_of("csqa")
+    assert len(files_of("asdiv")) == 6
+    with pytest.raises(ValueError, match="svamp"):
+        files_of("mnist")
+
+
+@needs_data
+def test_full_fetch_is_what_the_loaders_read_and_a_refetch_downloads_nothing(server, root, capsys):
+    server.files = sources(FILES)
+    data.main(["fetch", "--data-dir", str(root)])
+    out = capsys.readouterr().out
+    assert f"{len(FILES)} files downloaded" in out and "CC BY-NC 4.0" in out
+    assert f"fetching svamp/distilling_step_by_step/svamp_test.json from {server.url}" in out
+    assert listing(root) == sorted(FILES)
+    assert sorted(server.requests) == sorted(server.files)  # each source once: the zip for svamp and csqa
+    assert all(sha256(root / p) == s.sha256 for p, s in FILES.items())
+
+    server.requests.clear()
+    assert len(load_dataset("svamp", "test", root)) == 200
+    assert len(load_palm_rationales("svamp", "train", root)) == 594
+    assert len(load_palm_rationales("csqa", "test", root)) > 900
+    for name, splits in SPLITS.items():
+        for split in splits:
+            assert load_dataset(name, split, root)
+    assert server.requests == []  # FILES holds every file the loaders read
+
+    data.main(["fetch", "--data-dir", str(root)])
+    assert "nothing downloaded" in capsys.readouterr().out
+    assert server.requests == []
+
+    (root / "singleeq" / "questions.json").write_text("[]")  # a local file with another SHA-256 is fetched again
+    assert fetch(["singleeq", "gsm8k"], root) == 1
+    assert "another SHA-256" in capsys.readouterr().out
+    assert sha256(root / "singleeq" / "questions.json") == FILES["singleeq/questions.json"].sha256
+
+
+@needs_data
+@pytest.mark.parametrize("fault", ["wrong bytes", "404", "cut", "dead port"])
+@pytest.mark.parametrize("name", ["singleeq", "svamp"])  # a plain file; members of the zip
+def test_fault_leaves_nothing_half_written_then_a_fetch_completes(fault, name, server, root, monkeypatch):
+    paths = files_of(name)
+    bad = paths[0]
+    server.files = sources(paths, replace={bad: b"[]\n"} if fault == "wrong bytes" else None)
+    if fault == "404":
+        del server.files[url_of(bad)]
+    elif fault == "cut":
+        server.cut.add(url_of(bad))
+    elif fault == "dead port":
+        monkeypatch.setenv("MOLSAKI_DATA_URL", dead_url())
+    with pytest.raises(DataUnavailable) as err:
+        fetch([name], root)
+    message = str(err.value)
+    assert "\n" not in message and bad in message and "--data-dir" in message and "MOLSAKI_DATA" in message
+    if fault == "wrong bytes":
+        assert FILES[bad].sha256 in message and hashlib.sha256(b"[]\n").hexdigest() in message
+    else:
+        assert f"`python data.py fetch {name} --data-dir {root}`" in message
+        assert {"404": "HTTP 404", "cut": "closed after", "dead port": "refused"}[fault] in message
+    assert listing(root) == []  # no file, no temporary file
+
+    server.files, server.cut = sources(paths), set()
+    monkeypatch.setenv("MOLSAKI_DATA_URL", server.url)
+    assert fetch([name], root) == len(paths)
+    assert listing(root) == sorted(paths)
+    assert all(sha256(root / p) == FILES[p].sha256 for p in paths)
+
+
+@needs_data
+@pytest.mark.parametrize("entry", [lambda m: "distilling-step-by-step-main/" + m,  # the zip's layout
+                                   lambda m: m.removeprefix("datasets/")], ids=["below a folder", "no datasets/"])
+def test_loaders_fetch_a_missing_file_on_first_use(entry, server, root, monkeypatch, capsys):
+    monkeypatch.setenv("MOLSAKI_DATA", str(root))
+    server.files = sources(files_of("singleeq") + files_of("svamp"), entry)
+    assert len(load_dataset("singleeq", "test", None)) == 508
+    out = capsys.readouterr().out
+    assert f"fetching singleeq/questions.json from {server.url}/kojima-takeshi188/zero_shot_cot/" in out
+    assert len(server.requests) == 1
+    assert len(load_palm_rationales("svamp", "test", None)) > 100
+    assert len(server.requests) == 2
+    assert listing(root) == sorted(files_of("singleeq") + files_of("svamp"))  # the zip's other svamp files too
+    assert len(load_dataset("svamp", "train", None)) == 800
+    assert ensure_files(root, files_of("svamp")) == 0 and len(server.requests) == 2
+
+
+def test_loader_without_network_raises_one_line(root, monkeypatch):
+    monkeypatch.setenv("MOLSAKI_DATA", str(root))
+    monkeypatch.setenv("MOLSAKI_DATA_URL", dead_url())
+    with pytest.raises(DataUnavailable) as err:
+        load_dataset("gsm8k", "test", None)
+    message = str(err.value)
+    assert isinstance(err.value, RuntimeError) and "\n" not in message
+    assert "gsm8k/test.jsonl" in message and "`python data.py fetch gsm8k`" in message
+    assert "--data-dir" in message and "MOLSAKI_DATA" in message and "offline copy" in message
+    assert listing(root) == []
+
+
+def test_command_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["fetch", "svamp", "mnist"])
+    assert exit_.value.code == 2 and "unknown data set 'mnist'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["fetch", "singleeq", "--data-dir", str(tmp_path / "nope")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: data directory")
