@@ -245,7 +245,7 @@ def _file_record(stem: str, i: int, r: dict) -> dict:
         found = re.fullmatch(r"\(([a-e])\)\s*(.*)", _text(answer))
         if not 2 <= len(texts) <= len(LETTERS) or not found or LETTERS.index(found.group(1)) >= len(texts):
             raise ValueError(f"expected 2-5 choices and an answer '(x) text' naming one, got {answer!r}")
-        listed = " ".join(f"({a}) {t}" for a, t in zip(LETTERS, texts))
+        listed = " ".join(f"({a}) {t}" for a, t in zip(LETTERS, texts, strict=False))  # texts: 2-5 of the 5
         k = LETTERS.index(found.group(1))
         return {"id": id_, "question": f"{question}\nAnswer Choices: {listed}", "answer": f"({LETTERS[k]}) {texts[k]}",
                 "choices": texts}

@@ -13,24 +13,28 @@ Public functions:
                                               for after the last "answer is" when there is one).
     is_correct(pred, gold, task) -> bool      math: |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
     evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens) -> (accuracy, items)
-    run(checkpoint, sets, data_dir, mode, batch_size, limit, out) -> {set: accuracy}   (accuracy in [0, 1])
-    parse_args(argv), main(argv)              the command line.
+    load_set(name, data_dir) -> records       a test set by name (`TEST_SETS`) or a file of problems
+                                              (`data.FILE_FORMATS`); `set_label(name)` names its results.
+    run(checkpoint, sets, data_dir, mode, batch_size, limit, out, dtype) -> {set: accuracy}   (in [0, 1])
+    parse_args(argv), main(argv)              the command line; a mistake is one line (cli.py).
 
 A record is {id, question, answer, choices?}; a record with `choices` (the choice texts, in the order
 a, b, c, ...) is scored as CSQA, any other as math. `builtin` names the built-in word problems
 `problems.make_problems(200, seed=1)`. Only the answer's new tokens are read, never the prompt.
 """
 
-import argparse
 import json
 import re
 from pathlib import Path
 
 import torch
 
+import cli
 import data
+import models
 from models import generate, load_model
 
+TEST_SETS = ("svamp", "singleeq", "asdiv", "gsm8k", "csqa", "builtin")  # the names; anything else is a file
 NEW_TOKENS = {"answer": 16, "cot": 128}
 NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:\.\d+)?|\.\d+)")  # "5-3" is 5 and 3; "x = -3" is -3
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -113,30 +117,52 @@ def evaluate(model, tokenizer, records: list[dict], mode: str = "answer", batch_
     return sum(item["correct"] for item in items) / len(items), items
 
 
+def set_label(name: str) -> str:
+    """The name a set's results go under (eval_<label>_<mode>.jsonl): the set's name, or a file's stem."""
+    return name if name in TEST_SETS else Path(name).stem
+
+
+def check_sets(sets: list[str]) -> str | None:
+    """Why `sets` cannot be evaluated from the flags alone (an unknown name, a missing file), or None."""
+    if not sets:
+        return "no test set given"
+    for name in sets:
+        if name not in TEST_SETS and not Path(name).is_file():
+            return (f"unknown test set {name!r}: name one of {', '.join(TEST_SETS)} or a JSON / JSONL file of "
+                    "problems that exists")
+    labels = [set_label(s) for s in sets]
+    if len(set(labels)) < len(labels):
+        return f"two test sets would write the same results file: {', '.join(sets)}"
+    return None
+
+
 def load_set(name: str, data_dir) -> list[dict]:
-    """Test records of one set name (`builtin` = the built-in word problems)."""
+    """Test records of a set name (`builtin` = the built-in word problems) or of a file of problems."""
     if name == "builtin":
         import problems
 
         return problems.make_problems(200, seed=1)
-    return data.load_dataset(name, "test", data_dir)
+    if name in TEST_SETS:
+        return data.load_dataset(name, "test", data_dir)
+    return data.load_file(name)
 
 
 def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_size: int = 16,
-        limit: int | None = None, out=None) -> dict[str, float]:
+        limit: int | None = None, out=None, dtype: str = "auto") -> dict[str, float]:
     """Evaluate the checkpoint on each set; print a markdown table; write eval_<mode>.json and JSONL."""
     _check_mode(mode)
     out = Path(out if out is not None else checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(str(checkpoint))
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    tests = {name: load_set(name, data_dir)[:limit] for name in sets}  # every set read before the model loads
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(str(checkpoint), dtype=models.resolve_dtype(dtype, device))
+    model.to(device)
     accuracies, rows = {}, ["| set | n | accuracy % |", "|---|---|---|"]
-    for name in sets:
-        records = load_set(name, data_dir)[:limit]
+    for name, records in tests.items():
         accuracy, items = evaluate(model, tokenizer, records, mode, batch_size)
-        with open(out / f"eval_{name}_{mode}.jsonl", "w") as f:
+        with open(out / f"eval_{set_label(name)}_{mode}.jsonl", "w") as f:
             f.writelines(json.dumps(item) + "\n" for item in items)
-        accuracies[name] = accuracy
+        accuracies[set_label(name)] = accuracy
         rows.append(f"| {name} | {len(items)} | {100 * accuracy:.2f} |")
     (out / f"eval_{mode}.json").write_text(json.dumps(accuracies, indent=2) + "\n")
     print("\n".join(rows))
@@ -144,23 +170,40 @@ def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Accuracy of a student checkpoint on test sets (SPEC §8).")
-    parser.add_argument("--checkpoint", required=True, help="save_pretrained folder (model + tokenizer)")
+    parser = cli.Parser(description="Accuracy of a student checkpoint on test sets (SPEC §8).")
+    parser.add_argument("--checkpoint", required=True,
+                        help="save_pretrained folder (model + tokenizer), packaged name or hub id")
     parser.add_argument("--sets", default="svamp,singleeq,asdiv,gsm8k",
-                        help="comma-separated: svamp, singleeq, asdiv, gsm8k, csqa, builtin")
-    parser.add_argument("--data-dir", default=None, help="default: $MOLSAKI_DATA, else ~/.cache/molsaki/data "
-                        "(a missing file is fetched)")
+                        help=f"comma-separated: {', '.join(TEST_SETS)}, or paths to JSON / JSONL files of problems")
+    parser.add_argument("--data-dir", default=None, help="default: $MOLSAKI_DATA, else ~/.cache/molsaki/data")
     parser.add_argument("--mode", choices=sorted(NEW_TOKENS), default="answer")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="first N items of each set")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
+                        help="weights: auto = bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", default=None, help="default: the checkpoint folder")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.sets = [s for s in args.sets.split(",") if s]
+    problem = check_sets(args.sets)
+    if problem:
+        parser.error(f"--sets: {problem}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
+    return args
 
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    sets = [s for s in args.sets.split(",") if s]
-    return run(args.checkpoint, sets, args.data_dir, args.mode, args.batch_size, args.limit, args.out)
+    try:
+        models.load_config(args.checkpoint)
+        for name in args.sets:  # fetches a missing data file; a malformed file stops here, before the model
+            load_set(name, args.data_dir)
+    except (ValueError, FileNotFoundError, data.DataUnavailable) as e:
+        cli.fail(e)
+    return run(args.checkpoint, args.sets, args.data_dir, args.mode, args.batch_size, args.limit, args.out,
+               args.dtype)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import attention
+import cli
 import data
 import eval as eval_
 import losses
@@ -35,8 +36,9 @@ import problems
 import spans
 
 METHODS = ("vanilla", "dss", "mmi", "molsaki")
-EVAL_SETS = {"builtin": "builtin", "svamp": "svamp,singleeq,asdiv,gsm8k", "gsm8k": "svamp,singleeq,asdiv,gsm8k",
-             "csqa": "csqa"}  # each task scored on its own test sets (SPEC §8)
+CHECKPOINTS = ("checkpoint", "checkpoint.old")  # where --resume looks; .old: a crash between the two renames
+DATA_SETS = ("builtin", "svamp", "gsm8k", "csqa")  # --data names; anything else is a file of problems
+EVAL_SETS = {"builtin": "builtin", "math": "svamp,singleeq,asdiv,gsm8k", "csqa": "csqa"}  # per task (SPEC §8)
 
 
 # Schedule defaults: the paper's (SPEC §9, GPT-2 students; TinyLlama used --lr 1e-4 --max-steps 2000) for real
@@ -46,13 +48,14 @@ SCHEDULE = {"paper": {"lr": 5e-5, "batch_size": 16, "max_steps": 4000, "warmup":
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--teacher", default="gemma3-270m", help="hub id, folder, or a packaged name (gemma3-270m, smollm2-135m)")
     a("--student", default="smollm2-135m", help="hub id, folder, or a packaged name (gemma3-270m, smollm2-135m)")
-    a("--data", default="builtin", choices=["builtin", "svamp", "gsm8k", "csqa"], help="training set")
-    a("--data-dir", default=None, help="folder of the real data sets (else $MOLSAKI_DATA)")
+    a("--teacher-dtype", default="auto", choices=["auto", *models.DTYPES],
+      help="teacher weights for its rationale and attention passes: auto = bfloat16 on CUDA, float32 on CPU")
+    a("--data", default="builtin", help=f"training set: {', '.join(DATA_SETS)}, or a JSON / JSONL file of problems")
+    a("--data-dir", default=None, help="folder of the data sets (else $MOLSAKI_DATA, else ~/.cache/molsaki/data)")
     a("--rationales", default=None, choices=["builtin", "teacher", "palm"],
       help="rationale source (builtin: --data builtin only; palm: svamp or csqa); None = builtin or teacher")
     a("--palm-filter", default="all", choices=["all", "correct"],
@@ -78,26 +81,96 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from --out/checkpoint")
     a("--teacher-batch-size", type=int, default=8, help="batch of the teacher's generation and attention pass")
     a("--eval-sets", default=None,
-      help="comma-separated, '' for none; None = the training task's sets (EVAL_SETS)")
+      help="comma-separated names or files, '' for none; None = the training task's sets (EVAL_SETS)")
     a("--eval-batch-size", type=int, default=16, help="batch of the final evaluation")
     a("--out", default=None, help="run directory; None = runs/<data>[-palm]-<method>[-sl<T>-<S>]-s<seed>")
     args = p.parse_args(argv)
     for k, v in SCHEDULE["builtin" if args.data == "builtin" else "paper"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    task = "math"
+    if args.data not in DATA_SETS:
+        if not Path(args.data).is_file():
+            p.error(f"--data {args.data!r} is neither a training set ({', '.join(DATA_SETS)}) nor a file of problems")
+        try:
+            task = data.task_of(data.load_file(args.data)[0])
+        except ValueError as e:
+            p.error(f"--data: {e}")
+    elif args.data == "csqa":
+        task = "csqa"
     if args.eval_sets is None:
-        args.eval_sets = EVAL_SETS[args.data]
+        args.eval_sets = EVAL_SETS["builtin" if args.data == "builtin" else task]
     if args.beta is None:
         args.beta = {"molsaki": 1.0, "mmi": 0.1}.get(args.method, 0.0)
     args.rationales = args.rationales or ("builtin" if args.data == "builtin" else "teacher")
-    if args.rationales == "builtin" and args.data != "builtin":
-        p.error("--rationales builtin needs --data builtin")
     if args.out is None:  # each README command its own directory: an ablation never overwrites the main run
-        parts = [args.data, "palm" if args.rationales == "palm" else "", args.method,
+        name = args.data if args.data in DATA_SETS else Path(args.data).stem
+        parts = [name, "palm" if args.rationales == "palm" else "", args.method,
                  f"sl{args.layer_map.replace(':', '-')}" if args.layer_map else "", f"s{args.seed}"]
         args.out = "runs/" + "-".join(part for part in parts if part)
     args.out = Path(args.out)
+    problem = _flag_problem(args)
+    if problem:
+        p.error(problem)
     return args
+
+
+def _flag_problem(args) -> str | None:
+    """What is wrong with the flags alone (before any file is read or model loaded), or None."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    checks = [
+        (args.rationales == "builtin" and args.data != "builtin", "--rationales builtin needs --data builtin"),
+        (args.rationales == "palm" and args.data not in ("svamp", "csqa"),
+         f"--rationales palm: PaLM rationales exist for --data svamp and csqa only, not {args.data!r}"),
+        (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (args.grad_accum < 1, f"--grad-accum must be at least 1, got {args.grad_accum}"),
+        (args.batch_size % (world * max(1, args.grad_accum)) != 0,
+         f"--batch-size {args.batch_size} must be divisible by processes ({world}) x --grad-accum ({args.grad_accum})"),
+        (args.max_steps < 1, f"--max-steps must be at least 1, got {args.max_steps}"),
+        (not 0 <= args.alpha <= 1, f"--alpha must lie in [0, 1], got {args.alpha}"),
+        (args.beta < 0, f"--beta must not be negative, got {args.beta}"),
+        (args.tau1 <= 0 or args.tau2 <= 0, f"--tau1 and --tau2 must be positive, got {args.tau1}, {args.tau2}"),
+        (args.lr <= 0, f"--lr must be positive, got {args.lr}"),
+        (args.warmup < 0, f"--warmup must not be negative, got {args.warmup}"),
+        (min(args.save_every, args.teacher_batch_size, args.eval_batch_size, args.n_train, args.max_length) < 1,
+         "--save-every, --teacher-batch-size, --eval-batch-size, --n-train and --max-length must be at least 1"),
+        (args.layer_map is not None and args.method != "molsaki", "--layer-map needs --method molsaki"),
+        (args.resume and not any((args.out / n / "trainer_state.pt").is_file() for n in CHECKPOINTS),
+         f"--resume: no checkpoint in {args.out} (train without --resume, or pass the run's --out)"),
+    ]
+    for bad, message in checks:
+        if bad:
+            return message
+    if args.layer_map:
+        try:
+            mol.parse_layer_map(args.layer_map, 10**9, 10**9)  # its form; the range needs the models' configs
+        except ValueError as e:
+            return f"--layer-map: {e}"
+    if args.eval_sets:
+        problem = eval_.check_sets(args.eval_sets.split(","))
+        if problem:
+            return f"--eval-sets: {problem}"
+    return None
+
+
+def check_inputs(args) -> None:
+    """What the flags alone cannot show, checked before the teacher pass: the models' configs (a name that is
+    neither a folder, a packaged model nor a reachable hub id), --layer-map's range, and the data (fetched now,
+    so that a missing file stops the run before it starts). A problem is one line (cli.fail)."""
+    try:
+        student = models.load_config(str(_checkpoint_dir(args)) if args.resume else args.student)
+        if args.method == "molsaki" or (args.rationales == "teacher" and args.method != "vanilla"):
+            teacher = models.load_config(args.teacher)
+            if args.layer_map:
+                mol.parse_layer_map(args.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
+        if args.rationales == "palm" and args.method != "vanilla":
+            data.load_palm_rationales(args.data, "train", args.data_dir, args.palm_filter)
+        elif args.data in ("svamp", "gsm8k", "csqa"):
+            data.load_dataset(args.data, "train", args.data_dir)
+        for name in filter(None, args.eval_sets.split(",")):
+            eval_.load_set(name, args.data_dir)
+    except (ValueError, FileNotFoundError, data.DataUnavailable) as e:
+        cli.fail(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +182,10 @@ def training_examples(args):
     Every rationale ends before its answer statement (SPEC §2); the answer target of L_pre is always gold."""
     if args.data == "builtin":
         records = problems.make_problems(args.n_train, seed=0)
-    else:
+    elif args.data in DATA_SETS:
         records = data.load_dataset(args.data, "train", args.data_dir)
+    else:
+        records = data.load_file(args.data)
     if args.method == "vanilla":
         return [dict(r, rationale="") for r in records]
     if args.rationales == "builtin":
@@ -125,7 +200,7 @@ def training_examples(args):
     examples = [dict(by_id[k["id"]], rationale=k["rationale"]) for k in kept if k["rationale"]]
     print(f"[train] {len(examples)} of {len(records)} items have a rationale ({args.rationales}); "
           f"{len(records) - len(examples)} not kept")
-    if args.data == "csqa" and args.method == "molsaki":  # critical words = the teacher's keywords
+    if data.task_of(records[0]) == "csqa" and args.method == "molsaki":  # critical words = the teacher's keywords
         teacher, tok = _teacher(args)
         keywords = _rank0_first(lambda: data.teacher_keywords(teacher, tok, examples, args.out / "keywords.jsonl",
                                                               args.teacher_batch_size))
@@ -149,14 +224,15 @@ _TEACHER = {}
 def _teacher(args):
     """The teacher, loaded once per process and only when a stage needs it."""
     if "model" not in _TEACHER:
-        model, tok = models.load_model(args.teacher, attn_implementation=attention.ATTN)
+        dtype = models.resolve_dtype(args.teacher_dtype, _device())
+        model, tok = models.load_model(args.teacher, dtype=dtype, attn_implementation=attention.ATTN)
         _TEACHER["model"], _TEACHER["tok"] = model.to(_device()).eval(), tok
     return _TEACHER["model"], _TEACHER["tok"]
 
 
 def teacher_cache(args, examples):
     meta = {"teacher": args.teacher, "exp_prompt": data.EXP_PROMPT, "delimiters": args.delimiters,
-            "critical": "keywords" if args.data == "csqa" else "numbers", "max_length": args.max_length,
+            "critical": "keywords" if data.task_of(examples[0]) == "csqa" else "numbers", "max_length": args.max_length,
             "texts": data.texts_hash(examples)}
     path = args.out / "teacher_cache.pt"
     if path.exists():
@@ -333,7 +409,7 @@ def save_checkpoint(args, step, student, tok, router, opt, sched):
 
 
 def _checkpoint_dir(args):
-    for name in ("checkpoint", "checkpoint.old"):  # .old: a crash between the two renames
+    for name in CHECKPOINTS:
         if (args.out / name / "trainer_state.pt").exists():
             return args.out / name
     raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
@@ -347,6 +423,7 @@ def train(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # collectives on objects use the current device
     torch.manual_seed(args.seed)
+    check_inputs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     examples = training_examples(args)
     if not examples:
@@ -387,8 +464,6 @@ def train(args):
 
     world, rank = _world(), _rank()
     micro = args.batch_size // (world * args.grad_accum)
-    if micro * world * args.grad_accum != args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum")
     log = _open_log(args.out / "log.jsonl", step) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=step, desc=args.method, disable=rank != 0)
     row = {}
@@ -455,8 +530,8 @@ def main(argv=None):
         dist.destroy_process_group()
     print(f"[train] run directory: {args.out}")
     if args.data == "builtin":
-        print("[train] the paper's setting on real data: python train.py --data svamp --data-dir ../shared/data "
-              "--rationales palm --teacher meta-llama/Meta-Llama-3-8B --student gpt2-large")
+        print("[train] the paper's setting on real data: python train.py --data svamp --rationales palm "
+              "--teacher meta-llama/Meta-Llama-3-8B --student gpt2-large")
     return row
 
 

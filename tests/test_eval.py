@@ -203,3 +203,77 @@ def test_cli_end_to_end(tmp_path, capsys):
     items = [json.loads(line) for line in (out / "eval_builtin_cot.jsonl").read_text().splitlines()]
     assert sorted(p.name for p in out.iterdir()) == ["eval_builtin_cot.jsonl", "eval_cot.json"]
     assert items[0]["prompt"] == data.EXP_PROMPT.format(question=records[0]["question"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Any file of problems (data.FILE_FORMATS), and the weights' dtype.
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_file_formats(tmp_path):
+    """Each format by hand: the records the loaders would make, ids from the file's stem when absent."""
+    math = write_jsonl(tmp_path / "mine.jsonl", [
+        {"question": "Q1?", "answer": "1,200"}, {"question": "Q2?", "answer": 2.5, "id": "own"},
+        {"question": "Q3?", "answer": "Step. So 3 + 4 = 7.\n#### 7"}, {"sQuestion": "Q4?", "lSolutions": [43.0]}])
+    assert data.load_file(math) == [
+        {"id": "mine-0", "question": "Q1?", "answer": "1200"}, {"id": "own", "question": "Q2?", "answer": "2.5"},
+        {"id": "mine-2", "question": "Q3?", "answer": "7"}, {"id": "mine-3", "question": "Q4?", "answer": "43"}]
+    array = tmp_path / "arr.json"  # one JSON array, SingleEq's own layout
+    array.write_text(json.dumps([{"iIndex": 0, "sQuestion": "Joan found 70 shells. How many?", "lSolutions": [70]}]))
+    assert data.load_file(array) == [{"id": "arr-0", "question": "Joan found 70 shells. How many?", "answer": "70"}]
+    csqa = write_jsonl(tmp_path / "cs.jsonl", [{"question": "Where?", "choices": ["home", "park", "sea"],
+                                                 "answer": "(b) park"}])
+    record = data.load_file(csqa)[0]
+    assert record == {"id": "cs-0", "question": "Where?\nAnswer Choices: (a) home (b) park (c) sea",
+                      "answer": "(b) park", "choices": ["home", "park", "sea"]}
+    assert data.task_of(record) == "csqa"
+
+
+@pytest.mark.parametrize("rows, expect", [
+    ([{"question": "Q?", "answer": "12"}, {"question": "Q?"}], r"bad.jsonl, line 2: malformed record \(KeyError"),
+    ([{"question": "Q?", "answer": "twelve"}], "line 1: malformed record"),
+    ([{"question": "Q?", "choices": ["a", "b"], "answer": "(c) x"}], "line 1: malformed record .*2-5 choices"),
+    ([{"question": "Q?", "answer": "1"}, {"question": "R?", "choices": ["x", "y"], "answer": "(a) x"}], "mixes"),
+    ([{"question": "Q?", "answer": "1", "id": "a"}, {"question": "R?", "answer": "2", "id": "a"}], "same id"),
+    ([], "no records"),
+])
+def test_load_file_errors_name_file_and_record(tmp_path, rows, expect):
+    with pytest.raises(ValueError, match=expect):
+        data.load_file(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_eval_scores_a_file_and_names_it(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    model, tok = save_tiny_checkpoint(ckpt)
+    path = write_jsonl(tmp_path / "my_test.jsonl", [{"question": "What is 2 + 3?", "answer": "5"},
+                                                    {"question": "What is 10 - 4?", "answer": 6}])
+    accuracies = ev.main(["--checkpoint", str(ckpt), "--sets", f"{path},builtin", "--limit", "2"])
+    assert list(accuracies) == ["my_test", "builtin"]
+    items = [json.loads(line) for line in (ckpt / "eval_my_test_answer.jsonl").read_text().splitlines()]
+    assert [(i["id"], i["gold"]) for i in items] == [("my_test-0", "5"), ("my_test-1", "6")]
+    for item in items:
+        assert item["output"] == greedy_loop(model, tok, item["prompt"], 16)[0]
+    assert f"| {path} | 2 |" in capsys.readouterr().out
+
+
+def test_dtype_flag(tmp_path, monkeypatch):
+    assert ev.models.resolve_dtype("auto", "cpu") == torch.float32
+    assert ev.models.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert ev.models.resolve_dtype("float32", "cuda") == torch.float32
+    ckpt = tmp_path / "ckpt"
+    save_tiny_checkpoint(ckpt)
+    real, dtypes = ev.load_model, []
+
+    def spy(name, dtype=torch.float32, **kwargs):
+        model, tok = real(name, dtype=dtype, **kwargs)
+        dtypes.append(next(model.parameters()).dtype)
+        return model, tok
+
+    monkeypatch.setattr(ev, "load_model", spy)
+    for flag in ("auto", "bfloat16"):
+        ev.main(["--checkpoint", str(ckpt), "--sets", "builtin", "--limit", "1", "--dtype", flag])
+    assert dtypes == [torch.float32, torch.bfloat16]  # auto on this CPU: float32

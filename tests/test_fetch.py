@@ -136,7 +136,7 @@ def test_full_fetch_is_what_the_loaders_read_and_a_refetch_downloads_nothing(ser
 
     server.requests.clear()
     assert len(load_dataset("svamp", "test", root)) == 200
-    assert len(load_palm_rationales("svamp", "train", root)) == 594
+    assert len(load_palm_rationales("svamp", "train", root)) == 789
     assert len(load_palm_rationales("csqa", "test", root)) > 900
     for name, splits in SPLITS.items():
         for split in splits:

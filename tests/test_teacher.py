@@ -508,3 +508,43 @@ def test_teacher_keywords_are_kept_and_reused(tmp_path, monkeypatch):
     assert teacher_keywords(None, None, examples, path)["q2"] == ["box", "thing", "place"]
     assert [len(p) for p in calls] == [2, 1]  # the second call only asked for q2
     assert calls[0][0].endswith("Question: Where is thing 0?\nRationale: It is in a box.\nKeywords:")
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's dtype (--teacher-dtype) and training on a file of problems (--data PATH).
+
+
+def test_teacher_dtype(tiny_teacher_dir, tmp_path, monkeypatch):
+    """auto is float32 on this CPU; bfloat16 loads bfloat16 weights, and its cache (float32 A) stays close to the
+    float32 teacher's."""
+    examples = [dict(p, rationale=data.split_answer(p["rationale"])[0]) for p in problems.make_problems(4, seed=0)]
+    caches = {}
+    for flag, dtype in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+        monkeypatch.setattr(train, "_TEACHER", {})
+        args = _args(tiny_teacher_dir, tmp_path / flag, "--teacher-dtype", flag)
+        model, tok = train._teacher(args)
+        assert next(model.parameters()).dtype == dtype
+        caches[flag] = build_attention_cache(model, tok, examples, {"delimiters": "."}, batch_size=2)
+    for k, item in caches["auto"]["items"].items():
+        low = caches["bfloat16"]["items"][k]["A"]
+        assert low.dtype == torch.float32 and low.shape == item["A"].shape
+        torch.testing.assert_close(low, item["A"], atol=2e-2, rtol=0)
+
+
+def test_train_on_a_file_of_problems(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    records = problems.make_problems(6, seed=5)
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in records))
+    args = train.parse_args(["--data", str(path), "--teacher", tiny_teacher_dir, "--student", tiny_student_dir])
+    assert args.out == Path("runs/mine-molsaki-s0") and args.eval_sets == "svamp,singleeq,asdiv,gsm8k"
+    assert args.rationales == "teacher"
+    file_records = [dict(r, rationale=p["rationale"]) for r, p in zip(data.load_file(path), records, strict=True)]
+    fake = FakeTeacher(file_records, right1={0, 1, 2, 3}, right2={4})
+    monkeypatch.setattr(models, "generate", fake)
+    monkeypatch.setattr(train, "_TEACHER", {})
+    out = tmp_path / "run"
+    train.main(["--data", str(path), "--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--out", str(out),
+                "--method", "dss", "--batch-size", "2", "--max-steps", "2", "--eval-sets", "", "--lr", "1e-3"])
+    kept = [json.loads(line) for line in (out / "rationales.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in kept if r["correct"]} == {f"mine-{i}" for i in range(5)}
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2

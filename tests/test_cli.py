@@ -1,0 +1,139 @@
+"""Every mistake a user can make on the command line of train.py and eval.py gets one line on stderr,
+`error: <what and how to fix>`, and exit status 2, with no traceback, before any model is loaded when the flags
+alone show it (layer ranges right after the two configs are read). A few cases run as real processes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eval as eval_
+import models
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, main, argv, expect):
+    """main(argv) exits with status 2 and prints exactly one line, `error: ...` containing `expect`."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("no model may load before the flags are checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture
+def bad_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "Q1?", "answer": "3"}\n{"question": "Q2?", "answer": "three"}\n')
+    return path
+
+
+FLAG_CASES = [  # (argv, what the line says): the flags alone show it
+    (["--data", "nosuch"], "neither a training set"),
+    (["--eval-sets", "svamp,nosuch"], "unknown test set 'nosuch'"),
+    (["--layer-map", "3-4"], "--layer-map: layer map '3-4': expected 'T:S'"),
+    (["--layer-map", "1:1", "--method", "dss"], "--layer-map needs --method molsaki"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "6", "--grad-accum", "4"], "must be divisible by processes (1) x --grad-accum (4)"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
+    (["--beta", "-1"], "--beta must not be negative"),
+    (["--tau2", "0"], "--tau1 and --tau2 must be positive"),
+    (["--rationales", "palm", "--data", "gsm8k"], "PaLM rationales exist for --data svamp and csqa only"),
+    (["--rationales", "builtin", "--data", "svamp"], "--rationales builtin needs --data builtin"),
+    (["--method", "bogus"], "invalid choice: 'bogus'"),
+    (["--nope"], "unrecognized arguments: --nope"),
+    (["--max-steps", "x"], "invalid int value: 'x'"),
+]
+
+
+@pytest.mark.parametrize("argv, expect", FLAG_CASES)
+def test_train_flag_mistakes(argv, expect, capsys, no_model_loads, tmp_path):
+    one_line_error(capsys, train.main, [*argv, "--out", str(tmp_path / "run")], expect)
+
+
+def test_train_resume_without_checkpoint(capsys, no_model_loads, tmp_path):
+    one_line_error(capsys, train.main, ["--resume", "--out", str(tmp_path)], f"--resume: no checkpoint in {tmp_path}")
+
+
+def test_train_bad_data_file(capsys, no_model_loads, bad_file, tmp_path):
+    one_line_error(capsys, train.main, ["--data", str(bad_file), "--out", str(tmp_path)],
+                   f"{bad_file}, line 2: malformed record (ValueError: could not convert string to float: 'three')")
+    one_line_error(capsys, train.main, ["--eval-sets", str(bad_file), "--data", "builtin", "--out", str(tmp_path),
+                                        "--method", "dss"], "line 2: malformed record")
+
+
+def test_train_layer_map_out_of_range_after_configs(capsys, no_model_loads, tiny_teacher_dir, tiny_student_dir,
+                                                    tmp_path):
+    """The tiny teacher has 3 layers: 4:1 is out of range, found from the configs before the teacher runs."""
+    argv = ["--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--layer-map", "4:1", "--out", str(tmp_path)]
+    one_line_error(capsys, train.main, argv, "teacher layer 4 outside the valid range 1..3")
+    argv[-3] = "1:9"
+    one_line_error(capsys, train.main, argv, "student layer 9 outside the valid range 1..3")
+
+
+def test_not_a_model_folder(capsys, no_model_loads, tiny_teacher_dir, tmp_path):
+    one_line_error(capsys, train.main, ["--teacher", tiny_teacher_dir, "--student", str(tmp_path), "--out",
+                                        str(tmp_path / "run")], "is a folder but not a model folder (no config.json)")
+    one_line_error(capsys, eval_.main, ["--checkpoint", str(tmp_path), "--sets", "builtin"],
+                   "is a folder but not a model folder")
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--sets", "nosuch"], "unknown test set 'nosuch'"),
+    (["--sets", ""], "no test set given"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--mode", "rationale"], "invalid choice: 'rationale'"),
+])
+def test_eval_flag_mistakes(argv, expect, capsys, no_model_loads):
+    one_line_error(capsys, eval_.main, ["--checkpoint", "runs/x/checkpoint", *argv], expect)
+
+
+def test_eval_bad_set_file(capsys, no_model_loads, tiny_student_dir, bad_file):
+    one_line_error(capsys, eval_.main, ["--checkpoint", tiny_student_dir, "--sets", f"builtin,{bad_file}"],
+                   "line 2: malformed record")
+
+
+def _dead_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(script, *argv, **env):
+    """The script as a user runs it: a new process, its exit status and stderr."""
+    proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    return proc.returncode, proc.stderr
+
+
+def test_processes_print_one_line(tmp_path, tiny_student_dir):
+    """Through real processes: a model name that is no folder, packaged name or reachable hub id (the hub offline),
+    and data that is missing and cannot be fetched (an empty data directory, a dead server)."""
+    code, err = run_cli("eval.py", "--checkpoint", "no-such-model-xyz", "--sets", "builtin", HF_HUB_OFFLINE="1")
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(
+        "error: model 'no-such-model-xyz' is neither a model folder, a packaged name")
+    empty = tmp_path / "data"
+    empty.mkdir()
+    code, err = run_cli("eval.py", "--checkpoint", tiny_student_dir, "--sets", "svamp", MOLSAKI_DATA=str(empty),
+                        MOLSAKI_DATA_URL=f"http://127.0.0.1:{_dead_port()}")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: data file svamp/distilling_step_by_step/") and f"is missing from {empty}" in err
+    assert "python data.py fetch svamp" in err and "--data-dir" in err
