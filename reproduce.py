@@ -111,7 +111,8 @@ _SL = {f"molsaki-sl-{t}-{s}": ["--method", "molsaki", "--layer-map", f"{t}:{s}"]
        for s in (8, 17, 24)}
 
 # A spec: settings (train.py flags shared by its runs, the test sets, the paper table to compare with) and methods
-# (train.py flags, seeds). Every run of a spec names --data, --rationales and --method; all flags take a value.
+# (train.py flags, seeds). A setting names --data, --rationales, --teacher and --student, a method --method; every
+# flag takes a value.
 PRESETS = {
     "table1": {
         "settings": {
@@ -314,11 +315,12 @@ def _share(job, by_name):
         if dst.exists() or not src.exists():
             continue
         tmp.unlink(missing_ok=True)
-        try:
-            if not name.endswith(".pt"):  # JSONL: train.py appends to it, so never a shared inode
-                raise OSError
-            os.link(src, tmp)
-        except OSError:
+        if name.endswith(".pt"):
+            try:
+                os.link(src, tmp)
+            except OSError:  # another file system
+                shutil.copyfile(src, tmp)
+        else:  # JSONL: train.py appends to it, so never a shared inode
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
         print(f"[reproduce] {job['name']}: {name} from {job['donor']}")
@@ -442,7 +444,7 @@ def _method_key(method):
 
 
 def _read_jsonl(path):
-    return [json.loads(line) for line in open(path) if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _load(d):
