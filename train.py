@@ -10,19 +10,26 @@ Methods (SPEC §6): `vanilla` (L_pre on gold answers), `dss` (beta = 0), `mmi` (
 Per step: one forward for L_pre and one for L_exp; under molsaki the L_exp pass also yields the student's
 stepwise attention and value states (attention.capture), so L_att costs no extra forward.
 
-Public functions: `parse_args`, `features`, `collate`, `step_losses`, `train`, `main`.
+Every (re)start writes `run.json` (command, flags, versions, commit, data checksums, device) into --out.
+
+Public functions: `parse_args`, `features`, `collate`, `step_losses`, `write_run_info`, `train`, `main`.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import platform
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
 from tqdm import tqdm
 
 import attention
@@ -415,6 +422,45 @@ def _checkpoint_dir(args):
     raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
 
 
+def _data_files(args):
+    """The data files a run reads: every .json/.jsonl/.xml/.txt in the folders of its training set and test sets
+    (the eval sets SPEC §8 defaults to when --eval-sets is not given; the built-in problems read none)."""
+    if args.eval_sets is not None:
+        sets = [s for s in args.eval_sets.split(",") if s]
+    else:
+        sets = {"builtin": ["builtin"], "csqa": ["csqa"]}.get(args.data, ["svamp", "singleeq", "asdiv", "gsm8k"])
+    # the folder data.resolve_data_dir gives, with eval.run's fallback
+    root = Path(args.data_dir or os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[1] / "shared/data")
+    folders = {"svamp": "svamp", "gsm8k": "gsm8k", "asdiv": "asdiv", "singleeq": "singleeq", "csqa": "commonsenseqa"}
+    names = dict.fromkeys(folders[s] for s in [args.data, *sets] if s in folders)
+    return sorted(p for name in names for p in (root / name).rglob("*")
+                  if p.is_file() and p.suffix in (".json", ".jsonl", ".xml", ".txt"))
+
+
+def write_run_info(args):
+    """--out/run.json, what made this run: command line, resolved flags, versions, git commit (null outside a
+    checkout), SHA-256 of the data files, device. Written atomically at the start of every (re)start."""
+    repo = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True)
+        checkout = head.returncode == 0 and status.returncode == 0
+    except FileNotFoundError:  # git not installed
+        checkout = False
+    device = _device()
+    info = {"argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "commit": head.stdout.strip() if checkout else None,
+            "dirty": bool(status.stdout.strip()) if checkout else None,
+            "data_files": {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in _data_files(args)},
+            "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"}
+    tmp = args.out / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, args.out / "run.json")
+
+
 def train(args):
     """Run every stage that is not done yet; returns the final step's logged losses."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
@@ -425,6 +471,8 @@ def train(args):
     torch.manual_seed(args.seed)
     check_inputs(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    if _rank() == 0:
+        write_run_info(args)
     examples = training_examples(args)
     if not examples:
         raise ValueError("no training examples with a rationale")

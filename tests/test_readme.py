@@ -12,12 +12,13 @@ import pytest
 import bench
 import eval as eval_
 import plots
+import reproduce
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PARSERS = {"train.py": train.parse_args, "eval.py": eval_.parse_args, "plots.py": plots.parse_args,
-           "bench.py": bench.parse_args}
+           "bench.py": bench.parse_args, "reproduce.py": reproduce.parse_args}
 
 
 def readme_commands():

@@ -1,0 +1,377 @@
+"""Tests for reproduce.py and train.py's run.json: the statistics against hand-computed cases, every preset's
+dry-run prints commands that train.py's and eval.py's parsers accept, a two-method x two-seed grid on tiny models
+is stopped mid-run by SIGTERM and finished by the same command without redoing finished work, and the report's
+numbers equal a recount of the per-item files (the grid's, and a synthetic grid with known numbers)."""
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as eval_
+import reproduce
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+Z = 1.96
+
+
+def wilson_by_hand(k, n):
+    p = k / n
+    denominator = 1 + Z**2 / n
+    centre = (p + Z**2 / (2 * n)) / denominator
+    half = Z * math.sqrt(p * (1 - p) / n + Z**2 / (4 * n**2)) / denominator
+    return centre - half, centre + half
+
+
+def binomial_two_sided(b, c):
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Statistics.
+
+
+def test_wilson_by_hand():
+    # k = 8, n = 10: p = 0.8, z^2 = 3.8416, centre = (0.8 + 0.19208) / 1.38416, half = 1.96 sqrt(0.025604) / 1.38416
+    assert reproduce.wilson(8, 10) == pytest.approx((0.716738 - 0.226581, 0.716738 + 0.226581), abs=2e-6)
+    assert reproduce.wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook values
+    assert reproduce.wilson(0, 10) == pytest.approx((0.0, 0.38416 / 1.38416))
+    for k, n in [(1, 7), (21, 200), (199, 200), (508, 508)]:
+        assert reproduce.wilson(k, n) == pytest.approx(wilson_by_hand(k, n))
+    with pytest.raises(ValueError):
+        reproduce.wilson(3, 0)
+
+
+def test_mcnemar_exact_by_hand():
+    assert reproduce.mcnemar_exact(1, 6) == pytest.approx(2 * (1 + 7) / 2**7)  # 0.125
+    assert reproduce.mcnemar_exact(6, 1) == reproduce.mcnemar_exact(1, 6)
+    assert reproduce.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert reproduce.mcnemar_exact(0, 0) == 1.0 and reproduce.mcnemar_exact(4, 4) == 1.0
+    for b, c in [(3, 11), (20, 35), (0, 1)]:
+        assert reproduce.mcnemar_exact(b, c) == pytest.approx(binomial_two_sided(b, c))
+
+
+def test_paired_bootstrap_cases():
+    rng = random.Random(0)
+    a = [[rng.random() < 0.4 for _ in range(150)] for _ in range(3)]
+    same = reproduce.paired_bootstrap(a, a, 2000, seed=0)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p": 1.0}
+    # Constant difference: seed pair 0 differs on every item (+1), seed pair 1 on none, so every resample of
+    # the items gives the mean of the two pairs, +0.5.
+    ones, zeros = [1] * 150, [0] * 150
+    const = reproduce.paired_bootstrap([ones, a[1]], [zeros, a[1]], 2000, seed=0)
+    assert const == pytest.approx({"diff": 0.5, "lo": 0.5, "hi": 0.5, "p": 2 / 2001})
+    # Two items, d = (1, 0): a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4.
+    two = reproduce.paired_bootstrap([1, 0], [0, 0], 20000, seed=1)
+    assert (two["diff"], two["lo"], two["hi"]) == (0.5, 0.0, 1.0)
+    assert two["p"] == pytest.approx(0.5, abs=0.03)
+    # The observed difference is the mean of the per-seed differences; a 1-D pair is one seed.
+    b = [[rng.random() < 0.5 for _ in range(150)] for _ in range(3)]
+    res = reproduce.paired_bootstrap(a, b, 2000, seed=0)
+    assert res["diff"] == pytest.approx(statistics.mean(sum(x) / 150 - sum(y) / 150 for x, y in zip(a, b, strict=True)))
+    assert res["lo"] < res["diff"] < res["hi"] and res == reproduce.paired_bootstrap(a, b, 2000, seed=0)
+    assert reproduce.paired_bootstrap(a[0], b[0], 500, 3) == reproduce.paired_bootstrap([a[0]], [b[0]], 500, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Presets: every dry-run command parses; the dry run writes nothing.
+
+RUNS = {"table1": 48, "table2": 39, "table3": 9, "small": 9}
+
+
+@pytest.mark.parametrize("preset", sorted(reproduce.PRESETS))
+def test_dry_run_commands_parse(preset, tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert reproduce.main(["--preset", preset, "--dry-run", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cmds = [shlex.split(line) for line in lines if not line.startswith("#")]
+    assert cmds and all(argv[0] == sys.executable for argv in cmds)
+    parsed = {"train.py": [], "eval.py": []}
+    for argv in cmds:
+        script = Path(argv[1]).name
+        parse = {"train.py": train.parse_args, "eval.py": eval_.parse_args}[script]
+        parsed[script].append(parse(argv[2:]))  # argparse exits on a flag it does not know
+    spec = reproduce.PRESETS[preset]
+    n_settings = len(spec["settings"])
+    n_runs = n_settings * sum(len(m["seeds"]) for m in spec["methods"].values())
+    assert len(parsed["train.py"]) == RUNS[preset] == n_runs
+    evals = parsed["eval.py"]
+    assert sum(a.mode == "answer" for a in evals) == 2 * n_settings  # the untrained student and the teacher
+    assert sum(a.mode == "cot" for a in evals) == (RUNS[preset] if preset == "small" else 0)
+    for args in parsed["train.py"]:
+        assert Path(args.out).is_relative_to(out) and args.eval_sets
+    assert not out.exists()
+    if preset == "small":
+        assert {(a.data, a.rationales, a.teacher, a.student, a.batch_size, a.max_steps, a.lr, a.warmup)
+                for a in parsed["train.py"]} == {("svamp", "palm", "gemma3-270m", "smollm2-135m", 8,
+                                                  reproduce.SMALL_STEPS, 1e-4, 0)}
+        runs = sorted((a.method, a.layer_map or "", a.seed) for a in parsed["train.py"])
+        assert runs == sorted([("dss", "", s) for s in (0, 1, 2)] + [("molsaki", "", s) for s in (0, 1, 2)]
+                              + [("vanilla", "", 0), ("mmi", "", 0), ("molsaki", "last", 0)])
+        assert {a.eval_sets for a in parsed["train.py"]} == {"svamp,singleeq,asdiv,gsm8k"}
+        assert {a.sets for a in evals if a.mode == "cot"} == {"svamp,singleeq"}
+        assert {a.checkpoint for a in evals if a.mode == "answer"} == {"smollm2-135m", "gemma3-270m"}
+
+
+def test_seeds_override_and_job_states(tmp_path, capsys):
+    reproduce.main(["--preset", "small", "--dry-run", "--out", str(tmp_path), "--seeds", "5,6"])
+    cmds = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    seeds = [train.parse_args(argv[2:]).seed for argv in cmds if Path(argv[1]).name == "train.py"]
+    assert sorted(seeds) == [5] * 5 + [6] * 5
+    job = next(j for j in reproduce.grid(reproduce.PRESETS["small"], tmp_path) if j["name"].endswith("/dss-s0"))
+    d = job["dir"]
+    assert reproduce.commands(job) == [job["main"], job["cot"]]
+    (d / "checkpoint").mkdir(parents=True)
+    (d / "checkpoint" / "trainer_state.pt").write_bytes(b"")
+    assert reproduce.commands(job) == [job["main"] + ["--resume"], job["cot"]]
+    (d / "eval_answer.json").write_text("{}")
+    assert reproduce.commands(job) == [job["cot"]]
+    (d / "eval_cot.json").write_text("{}")
+    assert reproduce.commands(job) == []
+    # A run directory written by another command is refused, never mixed into this grid.
+    argv = job["main"][1:]
+    (d / "run.json").write_text(json.dumps({"argv": [*argv[:argv.index("--max-steps") + 1], "7"]}))
+    with pytest.raises(ValueError, match="another command"):
+        reproduce.dry_run(reproduce.PRESETS["small"], tmp_path)
+    (d / "run.json").write_text(json.dumps({"argv": argv + ["--resume"]}))
+    assert reproduce.dry_run(reproduce.PRESETS["small"], tmp_path).count("finished") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. run.json: what made a run.
+
+
+def test_run_json_fields_and_data_files(tmp_path):
+    root = tmp_path / "data"
+    for name in ("svamp/a.json", "svamp/llm/b.jsonl", "svamp/c.py", "singleeq/q.json", "asdiv/x.xml",
+                 "gsm8k/t.jsonl", "commonsenseqa/d.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    args = train.parse_args(["--data", "svamp", "--data-dir", str(root), "--eval-sets", "svamp,singleeq",
+                             "--out", str(tmp_path / "run")])
+    assert train._data_files(args) == [root / "singleeq/q.json", root / "svamp/a.json", root / "svamp/llm/b.jsonl"]
+    args.eval_sets = None  # SPEC §8's defaults: the math sets for math data, csqa for csqa
+    assert [p.parent.name for p in train._data_files(args)] == ["asdiv", "gsm8k", "singleeq", "svamp", "llm"]
+    args.data = "csqa"
+    assert train._data_files(args) == [root / "commonsenseqa/d.txt"]
+    assert train._data_files(train.parse_args(["--data", "builtin"])) == []
+
+    args.data = "svamp"
+    args.out.mkdir()
+    train.write_run_info(args)
+    info = json.loads((args.out / "run.json").read_text())
+    assert info["argv"] == sys.argv and info["args"]["out"] == str(args.out) and info["args"]["lr"] == args.lr
+    assert info["versions"]["torch"] == torch.__version__ and set(info["versions"]) == {"python", "torch",
+                                                                                         "transformers"}
+    assert info["data_files"][str(root / "svamp/a.json")] == hashlib.sha256(b"svamp/a.json").hexdigest()
+    assert len(info["data_files"]) == 5
+    assert info["device"] == "cpu" or info["device"].startswith("cuda (")
+    git = (ROOT / ".git").exists()
+    assert (re.fullmatch(r"[0-9a-f]{40}", info["commit"]) and isinstance(info["dirty"], bool)) if git else \
+        (info["commit"] is None and info["dirty"] is None)
+    assert not (args.out / "run.json.tmp").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A grid on tiny models: stopped by SIGTERM while dss-s0 trains, then the same command finishes it.
+
+DRIVER = "import json, sys, reproduce; sys.exit(reproduce.run_grid(json.loads(sys.argv[1]), sys.argv[2], jobs=2))"
+
+
+def tiny_spec(teacher, student):
+    flags = ["--data", "builtin", "--rationales", "builtin", "--teacher", teacher, "--student", student,
+             "--n-train", "8", "--batch-size", "4", "--lr", "3e-3", "--warmup", "0", "--eval-batch-size", "100"]
+    return {"settings": {"tiny": {"flags": flags, "answer_sets": ["builtin"], "cot_sets": [], "paper": None}},
+            "methods": {"dss": {"flags": ["--method", "dss", "--max-steps", "30"], "seeds": [0, 1]},
+                        "molsaki": {"flags": ["--method", "molsaki", "--max-steps", "6"], "seeds": [0, 1]}}}
+
+
+def events(out):
+    return [json.loads(line) for line in open(out / "reproduce.log.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tiny_teacher_dir, tiny_student_dir, tmp_path_factory):
+    """The grid's folder, what was there after the stop ({job: (finished, has checkpoint, eval mtime)}), the
+    number of grid events then, and the step dss-s0 was stopped at."""
+    out = tmp_path_factory.mktemp("grid")
+    cmd = [sys.executable, "-c", DRIVER, json.dumps(tiny_spec(tiny_teacher_dir, tiny_student_dir)), str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, deadline = out / "tiny" / "dss-s0" / "log.jsonl", time.time() + 240
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    first = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130, first
+    jobs = ["tiny/" + n for n in ("untrained-student", "teacher", "dss-s0", "dss-s1", "molsaki-s0", "molsaki-s1")]
+    before = {}
+    for job in jobs:
+        done = (out / job / "eval_answer.json").exists()
+        before[job] = (done, (out / job / "checkpoint" / "trainer_state.pt").exists(),
+                       (out / job / "eval_answer.json").stat().st_mtime_ns if done else None)
+    n_events = len(events(out))
+    stopped_at = torch.load(out / "tiny/dss-s0/checkpoint/trainer_state.pt", weights_only=False)["step"]
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    return out, before, n_events, stopped_at
+
+
+def test_grid_stops_and_continues(tiny_grid):
+    out, before, n_events, stopped_at = tiny_grid
+    assert not before["tiny/dss-s0"][0] and 1 <= stopped_at < 30  # stopped mid-training, saved by train.py
+    rows = [json.loads(line) for line in open(out / "tiny/dss-s0/log.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    log = events(out)
+    first, second = log[:n_events], log[n_events:]
+    assert {e["job"] for e in first if e["event"] == "start"} >= {"tiny/untrained-student", "tiny/teacher",
+                                                                   "tiny/dss-s0"}
+    restarted = {e["job"]: e["cmd"] for e in second if e["event"] == "start"}
+    assert set(restarted) == {job for job, (done, _, _) in before.items() if not done}  # nothing finished redone
+    for job, cmd in restarted.items():
+        assert (cmd[-1] == "--resume") == before[job][1], (job, cmd)
+    assert "tiny/dss-s0" in restarted
+    for job, (done, _, mtime) in before.items():
+        assert (out / job / "eval_answer.json").exists()
+        if done:
+            assert (out / job / "eval_answer.json").stat().st_mtime_ns == mtime
+    assert all(e["rc"] == 0 for e in second if e["event"] == "end")
+    # The molsaki runs share one teacher stage: molsaki-s1 got molsaki-s0's cache (one file, two names).
+    s0, s1 = out / "tiny/molsaki-s0/teacher_cache.pt", out / "tiny/molsaki-s1/teacher_cache.pt"
+    assert s0.stat().st_ino == s1.stat().st_ino
+    assert "reusing teacher attention cache" in (out / "tiny/molsaki-s1/train.log").read_text()
+    assert not (out / "tiny/dss-s1/teacher_cache.pt").exists()
+    # run.json, written by train.py itself.
+    info = json.loads((out / "tiny/molsaki-s1/run.json").read_text())
+    assert info["argv"][0] == "train.py" and info["argv"][1:] == restarted["tiny/molsaki-s1"][2:]
+    assert info["args"]["method"] == "molsaki" and info["args"]["seed"] == 1 and info["data_files"] == {}
+    assert info["args"]["out"] == str(out / "tiny/molsaki-s1") and info["device"] == "cpu"
+    assert (out / "results.md").exists() and (out / "results.json").exists()
+
+
+def recount(out, setting, columns, methods):
+    """The report's numbers, recounted from the eval_<set>_<mode>.jsonl files alone."""
+    items = {}
+    for d in (out / setting).iterdir():
+        for col in columns:
+            name, mode = col.split("/")
+            path = d / f"eval_{name}_{mode}.jsonl"
+            if path.exists():
+                items.setdefault(d.name, {})[col] = {json.loads(x)["id"]: json.loads(x)["correct"]
+                                                     for x in open(path)}
+    acc = {run: {c: sum(v.values()) / len(v) for c, v in cols.items()} for run, cols in items.items()}
+    summary = {}
+    for method in methods:
+        runs = sorted((int(r.rsplit("-s", 1)[1]), r) for r in items if r.rsplit("-s", 1)[0] == method)
+        for col in columns:
+            values = [acc[r][col] for _, r in runs]
+            summary[method, col] = {"mean": statistics.mean(values),
+                                    "sd": statistics.stdev(values) if len(values) > 1 else None}
+            dss = dict((int(r.rsplit("-s", 1)[1]), r) for r in items if r.rsplit("-s", 1)[0] == "dss")
+            if method != "dss":
+                pairs = [(s, r, dss.get(s, dss[min(dss)])) for s, r in runs]
+                summary[method, col]["diff"] = statistics.mean(acc[r][col] - acc[t][col] for _, r, t in pairs)
+                summary[method, col]["mcnemar"] = []
+                for _, r, t in pairs:
+                    x, y = items[r][col], items[t][col]
+                    b = sum(x[i] and not y[i] for i in x)
+                    c = sum(y[i] and not x[i] for i in x)
+                    summary[method, col]["mcnemar"].append((b, c, binomial_two_sided(b, c)))
+    return items, acc, summary
+
+
+def check_report(results, out, setting, columns, methods):
+    items, acc, summary = recount(out, setting, columns, methods)
+    s = results["settings"][setting]
+    assert set(s["runs"]) == set(items) and s["columns"] == columns
+    for run, cols in acc.items():
+        for col, a in cols.items():
+            got = s["runs"][run]["accuracy"][col]
+            k, n = sum(items[run][col].values()), len(items[run][col])
+            assert (got["k"], got["n"], got["acc"]) == (k, n, pytest.approx(a))
+            assert got["wilson"] == pytest.approx(list(wilson_by_hand(k, n)), abs=1e-12)
+    for (method, col), want in summary.items():
+        got = s["methods"][method][col]
+        assert got["mean"] == pytest.approx(want["mean"])
+        assert got["sd"] == (None if want["sd"] is None else pytest.approx(want["sd"]))
+        if "diff" in want:
+            assert got["vs_dss"]["diff"] == pytest.approx(want["diff"])
+            assert got["vs_dss"]["lo"] <= got["vs_dss"]["diff"] + 1e-12 <= got["vs_dss"]["hi"] + 2e-12
+            assert [(m["b"], m["c"], pytest.approx(m["p"])) for m in got["vs_dss"]["mcnemar"]] == want["mcnemar"]
+        else:
+            assert "vs_dss" not in got
+    return s
+
+
+def test_report_of_the_grid_equals_a_recount(tiny_grid, capsys):
+    out = tiny_grid[0]
+    assert reproduce.main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert printed.strip() == (out / "results.md").read_text().strip()
+    s = check_report(results, out, "tiny", ["builtin/answer"], ["dss", "molsaki"])
+    for base in reproduce.BASELINES:
+        assert s["methods"][base]["builtin/answer"]["seeds"] == [None] and base in printed
+    runs = s["runs"]
+    assert runs["dss-s0"]["steps"] == 30 and runs["molsaki-s0"]["steps"] == 6
+    assert runs["dss-s0"]["train_s"] > 0 and runs["dss-s0"]["wall_s"] > runs["dss-s0"]["train_s"]
+    assert set(runs["molsaki-s0"]["losses"]) == {"pre", "exp", "att", "mmi"} and len(runs["molsaki-s0"]["p_s"]) == 3
+    assert runs["dss-s0"]["versions"]["torch"] == torch.__version__
+    assert (out / "results.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The report on a synthetic grid with known numbers (no models): pairing, paper numbers, loss summaries.
+
+
+def test_report_of_a_synthetic_grid(tmp_path):
+    setting = "smollm2-135m-gemma3-270m-svamp-palm"  # the small preset's: compared with Table 3's hybrid rows
+    rng = random.Random(1)
+    columns = ["svamp/answer", "singleeq/answer", "svamp/cot"]
+    rates = {"untrained-student": 0.05, "teacher": 0.3, "vanilla-s0": 0.1, "dss-s0": 0.2, "dss-s1": 0.25,
+             "molsaki-s0": 0.3, "molsaki-s1": 0.2, "molsaki-s2": 0.35}
+    for run, rate in rates.items():
+        d = tmp_path / setting / run
+        d.mkdir(parents=True)
+        for col in columns:
+            name, mode = col.split("/")
+            n = {"svamp": 200, "singleeq": 50}[name]
+            ids = [f"{name}-{i}" for i in range(n)]
+            rng.shuffle(ids)  # the report matches items by id, not by line
+            (d / f"eval_{name}_{mode}.jsonl").write_text(
+                "".join(json.dumps({"id": i, "output": "", "correct": rng.random() < rate}) + "\n" for i in ids))
+        if run not in reproduce.BASELINES:
+            rows = [{"step": s, "sec": 0.5, "loss": 1.0, "pre": 2.0 - s / 100, "exp": 1.0, "att": 0.01, "mmi": 0.0,
+                     "p_s": [0.5, 0.5] if s <= 80 else [0.25, 0.75], "p_t": [0.9, 0.1]} for s in range(1, 101)]
+            (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "run.json").write_text(json.dumps({"commit": "ab" * 20, "dirty": True, "device": "cpu",
+                                                    "versions": {"python": "3.11", "torch": "2", "transformers": "5"}}))
+    results = reproduce.report(tmp_path)
+    s = check_report(results, tmp_path, setting, columns, ["vanilla", "dss", "molsaki"])
+    molsaki = s["methods"]["molsaki"]["svamp/answer"]
+    assert molsaki["vs_dss"]["pairs"] == [[0, 0], [1, 1], [2, 0]]  # no dss seed 2: paired with dss seed 0
+    assert molsaki["paper"] == 45.5 and s["methods"]["dss"]["singleeq/answer"]["paper"] == 33.3
+    assert molsaki["vs_dss"]["n_items"] == 200 and s["methods"]["vanilla"]["svamp/answer"]["paper"] is None
+    assert s["methods"]["molsaki"]["svamp/cot"]["paper"] is None  # the paper scores answer mode only
+    run = s["runs"]["molsaki-s2"]
+    assert run["losses"]["pre"] == pytest.approx([2.0 - 5.5 / 100, 2.0 - 95.5 / 100])  # steps 1-10 and 91-100
+    assert run["p_s"] == pytest.approx([0.25, 0.75]) and run["train_s"] == 50.0 and run["wall_s"] is None
+    assert run["commit"] == "ab" * 20 and s["paper_table"] == "table3-hybrid"
+    md = (tmp_path / "results.md").read_text()
+    m = s["methods"]["molsaki"]["svamp/answer"]
+    assert f"| molsaki | 0,1,2 | {100 * m['mean']:.1f} ± {100 * m['sd']:.1f} (45.5) |" in md
+    assert "abababababab"[:10] + " (changed)" in md and "2: 0.750, 1: 0.250" in md
