@@ -472,7 +472,7 @@ def fetch(names: list[str], root: str | Path) -> int:
     root = Path(root)
     todo = []
     for path in (p for name in names for p in files_of(name)):
-        if (root / path).is_file() and _sha256(root / path) == FILES[path].sha256:
+        if (root / path).is_file() and sha256(root / path) == FILES[path].sha256:
             continue
         if (root / path).is_file():
             print(f"[data] {path} has another SHA-256: fetching it again")
@@ -544,7 +544,7 @@ def _verified(root: Path, path: str, where: str):
     try:
         with os.fdopen(fd, "wb") as out:
             yield out
-        got, want = _sha256(tmp), FILES[path].sha256
+        got, want = sha256(tmp), FILES[path].sha256
         if got != want:
             raise DataUnavailable(f"data file {path} fetched from {where} has SHA-256 {got}, expected {want}, so "
                                   f"it was not kept; try `{_command(root, path)}` again, {_OFFLINE}")
@@ -560,7 +560,7 @@ def _command(root: Path, path: str) -> str:  # the command that fetches `path` i
     return command
 
 
-def _sha256(path) -> str:
+def sha256(path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -84,8 +84,8 @@ N_BOOT = 10000
 BASELINES = ("untrained-student", "teacher")
 # train.py flags that change training but not the teacher stage (rationales, keywords, attention cache)
 TRAINING_ONLY = {"--student", "--method", "--alpha", "--beta", "--tau1", "--tau2", "--layer-map", "--lr",
-                 "--batch-size", "--grad-accum", "--max-steps", "--warmup", "--max-grad-norm", "--seed",
-                 "--save-every", "--eval-sets", "--eval-batch-size", "--out"}
+                 "--batch-size", "--grad-accum", "--max-steps", "--warmup", "--weight-decay", "--max-grad-norm",
+                 "--seed", "--save-every", "--eval-sets", "--eval-batch-size", "--out"}
 
 LLAMA3_8B = "meta-llama/Meta-Llama-3-8B"
 QWEN25_32B = "Qwen/Qwen2.5-32B"

@@ -16,7 +16,6 @@ Public functions: `parse_args`, `features`, `collate`, `step_losses`, `write_run
 """
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -422,19 +421,14 @@ def _checkpoint_dir(args):
     raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
 
 
-def _data_files(args):
-    """The data files a run reads: every .json/.jsonl/.xml/.txt in the folders of its training set and test sets
-    (the eval sets SPEC §8 defaults to when --eval-sets is not given; the built-in problems read none)."""
-    if args.eval_sets is not None:
-        sets = [s for s in args.eval_sets.split(",") if s]
-    else:
-        sets = {"builtin": ["builtin"], "csqa": ["csqa"]}.get(args.data, ["svamp", "singleeq", "asdiv", "gsm8k"])
-    # the folder data.resolve_data_dir gives, with eval.run's fallback
-    root = Path(args.data_dir or os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[1] / "shared/data")
-    folders = {"svamp": "svamp", "gsm8k": "gsm8k", "asdiv": "asdiv", "singleeq": "singleeq", "csqa": "commonsenseqa"}
-    names = dict.fromkeys(folders[s] for s in [args.data, *sets] if s in folders)
-    return sorted(p for name in names for p in (root / name).rglob("*")
-                  if p.is_file() and p.suffix in (".json", ".jsonl", ".xml", ".txt"))
+def _data_files(args) -> dict[str, str]:
+    """SHA-256 of the data files of this run's training and test sets (`data.files_of`, as found in the data
+    directory, where check_inputs fetched them) and of any file of problems it names."""
+    names = [args.data, *filter(None, args.eval_sets.split(","))]
+    root = data.resolve_data_dir(args.data_dir) if any(n in data.SPLITS for n in names) else None
+    paths = {p: root / p for n in dict.fromkeys(names) if n in data.SPLITS for p in data.files_of(n)}
+    paths.update({n: Path(n) for n in names if n not in data.SPLITS and n != "builtin"})
+    return {k: data.sha256(p) for k, p in sorted(paths.items()) if p.is_file()}
 
 
 def write_run_info(args):
@@ -454,7 +448,7 @@ def write_run_info(args):
                          "transformers": transformers.__version__},
             "commit": head.stdout.strip() if checkout else None,
             "dirty": bool(status.stdout.strip()) if checkout else None,
-            "data_files": {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in _data_files(args)},
+            "data_files": _data_files(args),
             "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"}
     tmp = args.out / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=1) + "\n")

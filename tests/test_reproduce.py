@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import eval as eval_
 import reproduce
 import train
@@ -123,7 +124,7 @@ def test_dry_run_commands_parse(preset, tmp_path, capsys):
         assert runs == sorted([("dss", "", s) for s in (0, 1, 2)] + [("molsaki", "", s) for s in (0, 1, 2)]
                               + [("vanilla", "", 0), ("mmi", "", 0), ("molsaki", "last", 0)])
         assert {a.eval_sets for a in parsed["train.py"]} == {"svamp,singleeq,asdiv,gsm8k"}
-        assert {a.sets for a in evals if a.mode == "cot"} == {"svamp,singleeq"}
+        assert {",".join(a.sets) for a in evals if a.mode == "cot"} == {"svamp,singleeq"}
         assert {a.checkpoint for a in evals if a.mode == "answer"} == {"smollm2-135m", "gemma3-270m"}
 
 
@@ -156,29 +157,30 @@ def test_seeds_override_and_job_states(tmp_path, capsys):
 
 
 def test_run_json_fields_and_data_files(tmp_path):
+    """data_files: the SHA-256 of every file of the run's training and test sets in the fetch table (data.FILES),
+    of a file of problems it names, and nothing for the built-in problems."""
     root = tmp_path / "data"
-    for name in ("svamp/a.json", "svamp/llm/b.jsonl", "svamp/c.py", "singleeq/q.json", "asdiv/x.xml",
-                 "gsm8k/t.jsonl", "commonsenseqa/d.txt"):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(name)
-    args = train.parse_args(["--data", "svamp", "--data-dir", str(root), "--eval-sets", "svamp,singleeq",
+    for name in data.FILES:
+        if name.split("/")[0] in ("svamp", "singleeq"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(name)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"question": "Q?", "answer": "1"}\n')
+    args = train.parse_args(["--data", "svamp", "--data-dir", str(root), "--eval-sets", f"svamp,singleeq,{mine}",
                              "--out", str(tmp_path / "run")])
-    assert train._data_files(args) == [root / "singleeq/q.json", root / "svamp/a.json", root / "svamp/llm/b.jsonl"]
-    args.eval_sets = None  # SPEC §8's defaults: the math sets for math data, csqa for csqa
-    assert [p.parent.name for p in train._data_files(args)] == ["asdiv", "gsm8k", "singleeq", "svamp", "llm"]
-    args.data = "csqa"
-    assert train._data_files(args) == [root / "commonsenseqa/d.txt"]
-    assert train._data_files(train.parse_args(["--data", "builtin"])) == []
+    expected = {p: hashlib.sha256(p.encode()).hexdigest() for p in data.files_of("svamp") + data.files_of("singleeq")}
+    expected[str(mine)] = hashlib.sha256(mine.read_bytes()).hexdigest()
+    assert train._data_files(args) == dict(sorted(expected.items()))
+    assert len(expected) == 7  # svamp: 2 split files + 3 PaLM files; singleeq: 1; the file
+    assert train._data_files(train.parse_args(["--data", "builtin"])) == {}
 
-    args.data = "svamp"
     args.out.mkdir()
     train.write_run_info(args)
     info = json.loads((args.out / "run.json").read_text())
     assert info["argv"] == sys.argv and info["args"]["out"] == str(args.out) and info["args"]["lr"] == args.lr
     assert info["versions"]["torch"] == torch.__version__ and set(info["versions"]) == {"python", "torch",
                                                                                          "transformers"}
-    assert info["data_files"][str(root / "svamp/a.json")] == hashlib.sha256(b"svamp/a.json").hexdigest()
-    assert len(info["data_files"]) == 5
+    assert info["data_files"] == dict(sorted(expected.items()))
     assert info["device"] == "cpu" or info["device"].startswith("cuda (")
     git = (ROOT / ".git").exists()
     assert (re.fullmatch(r"[0-9a-f]{40}", info["commit"]) and isinstance(info["dirty"], bool)) if git else \
