@@ -7,8 +7,10 @@ teacher attention cache (data.py through attention.py), training (this file), ev
 
 Methods (SPEC §6): `vanilla` (L_pre on gold answers), `dss` (beta = 0), `mmi` (MMI loss, beta 0.1),
 `molsaki` (Eq. 6 with MoL, Eq. 4/5); `--layer-map T:S` or `last` is the single-layer ablation.
-Per step: one forward for L_pre and one for L_exp; under molsaki the L_exp pass also yields the student's
-stepwise attention and value states (attention.capture), so L_att costs no extra forward.
+Per step: one forward for L_pre, its backward, then one forward for L_exp and the backward of the rest of Eq. 7
+(one pass's graph alive at a time); under molsaki the L_exp pass also yields the student's stepwise attention and
+value states (attention.capture), so L_att costs no extra forward. Several processes (torchrun): the student in
+torch's DistributedDataParallel, the router's gradients averaged in one flattened all-reduce.
 
 Every (re)start writes `run.json` (command, flags, versions, commit, data checksums, device) into --out.
 
@@ -16,6 +18,7 @@ Public functions: `parse_args`, `features`, `collate`, `step_losses`, `write_run
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import attention
@@ -318,39 +322,53 @@ def collate(batch, pad_id):
 # One step's losses.
 
 
-def step_losses(args, student, router, batch, feats, device):
-    """Loss components of one micro-batch: {'loss', 'pre', 'exp', 'att', 'mmi', 'p_s', 'no_words'}."""
+def step_losses(args, model, router, batch, feats, device, scale=1.0, sync=True):
+    """Loss components of one micro-batch, detached: {'loss', 'pre', 'exp', 'att', 'mmi', 'p_s', 'no_words'}; their
+    gradients (times `scale`) are added to .grad one task at a time. alpha L_pre's backward runs before the L_exp
+    forward (its gradient does not depend on that pass; MMI reads the answer logits detached), so only one pass's
+    graph is alive at a time. Under DistributedDataParallel only a backward with `sync` reduces gradients."""
+    student = getattr(model, "module", model)  # DDP wraps the student; the capture hooks the student itself
+    quiet = model.no_sync if isinstance(model, DDP) else contextlib.nullcontext
     t = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     zero = torch.zeros((), device=device)
-    with autocast:
-        pre = student(t["pre_ids"], attention_mask=t["pre_mask"]).logits
-        l_pre = losses.target_cross_entropy(pre, t["pre_labels"])
-        if args.method == "vanilla":
-            return {"loss": l_pre, "pre": l_pre}
-        groups = [f["groups"] for f in feats] if args.method == "molsaki" else None
+    vanilla = args.method == "vanilla"
+    with quiet() if not (vanilla and sync) else contextlib.nullcontext():
+        with autocast:
+            pre = model(t["pre_ids"], attention_mask=t["pre_mask"]).logits
+            l_pre = losses.target_cross_entropy(pre, t["pre_labels"])
+        (scale * (1.0 if vanilla else args.alpha) * l_pre).backward()
+    if vanilla:
+        return {"loss": l_pre.detach(), "pre": l_pre.detach()}
+    pre = pre.detach() if args.method == "mmi" else None  # no graph left: MMI's answer side is a constant
+    groups = [f["groups"] for f in feats] if args.method == "molsaki" else None
+    with quiet() if not sync else contextlib.nullcontext():
+        with autocast:
+            if groups:
+                with attention.capture(student, groups, values=True) as cap:
+                    exp = model(t["exp_ids"], attention_mask=t["exp_mask"]).logits
+            else:
+                exp = model(t["exp_ids"], attention_mask=t["exp_mask"]).logits
+            l_exp = losses.target_cross_entropy(exp, t["exp_labels"])
+        out = {"pre": l_pre.detach(), "att": zero, "mmi": zero}
+        extra = zero
+        if args.method == "mmi":
+            out["mmi"] = extra = losses.mmi_loss(pre, t["pre_labels"], exp, t["exp_labels"])
         if groups:
-            with attention.capture(student, groups, values=True) as cap:
-                exp = student(t["exp_ids"], attention_mask=t["exp_mask"]).logits
-        else:
-            exp = student(t["exp_ids"], attention_mask=t["exp_mask"]).logits
-        l_exp = losses.target_cross_entropy(exp, t["exp_labels"])
-    out = {"pre": l_pre, "exp": l_exp, "att": zero, "mmi": zero}
-    extra = zero
-    if args.method == "mmi":
-        out["mmi"] = extra = losses.mmi_loss(pre, t["pre_labels"], exp, t["exp_labels"])
-    if groups:
-        A_s = cap.stepwise()  # per example [L2, S, W]
-        if args.layer_map:
-            s = mol.parse_layer_map(args.layer_map, feats[0]["p_t"].shape[0], len(A_s[0]))[1]
-            p_s = mol.one_hot_weights(s, len(A_s[0])).to(device).expand(len(feats), -1)
-        else:
-            p_s = router(cap.value_states(), t["exp_mask"])  # [B, L2], Eq. 5
-        pairs = [(f["A_t"].to(device), mol.mix_layers(a, p)) for f, a, p in zip(feats, A_s, p_s, strict=True)]
-        out["att"], used = losses.attention_loss(pairs)
-        out["p_s"], out["no_words"] = p_s.detach().mean(0), torch.tensor(float(len(feats) - used), device=device)
-        extra = out["att"]
-    out["loss"] = losses.total_loss(l_pre, l_exp, extra, args.alpha, args.beta)
+            A_s = cap.stepwise()  # per example [L2, S, W]
+            if args.layer_map:
+                s = mol.parse_layer_map(args.layer_map, feats[0]["p_t"].shape[0], len(A_s[0]))[1]
+                p_s = mol.one_hot_weights(s, len(A_s[0])).to(device).expand(len(feats), -1)
+            else:
+                p_s = router(cap.value_states(), t["exp_mask"])  # [B, L2], Eq. 5
+            pairs = [(f["A_t"].to(device), mol.mix_layers(a, p)) for f, a, p in zip(feats, A_s, p_s, strict=True)]
+            out["att"], used = losses.attention_loss(pairs)
+            out["p_s"], out["no_words"] = p_s.detach().mean(0), torch.tensor(float(len(feats) - used), device=device)
+            extra = out["att"]
+        (scale * losses.total_loss(zero, l_exp, extra, args.alpha, args.beta)).backward()  # the rest of Eq. 7
+    out.update(exp=l_exp.detach(), att=out["att"].detach(), mmi=out["mmi"].detach())
+    out["loss"] = losses.total_loss(out["pre"], out["exp"], out["att"] if groups else out["mmi"], args.alpha,
+                                    args.beta)
     return out
 
 
@@ -370,6 +388,15 @@ def _device():
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def _average(tensors, world):
+    """All-reduce the mean of `tensors` over the processes in one flattened call (the router's gradients and the
+    logged losses: small, and outside DDP)."""
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    for t, v in zip(tensors, (flat / world).split([t.numel() for t in tensors]), strict=True):
+        t.copy_(v.view_as(t))
 
 
 def _value_dim(config):
@@ -477,6 +504,8 @@ def train(args):
     attn = attention.ATTN if args.method == "molsaki" else "sdpa"
     student, tok = models.load_model(str(source), attn_implementation=attn)
     student.to(device).train()
+    world, rank = _world(), _rank()
+    model = DDP(student) if world > 1 else student  # torch's data parallel: bucketed, overlapped with backward
     feats = features(args, examples, tok, cache, student.config.num_hidden_layers)
     router = None
     if args.method == "molsaki" and not args.layer_map:
@@ -504,7 +533,6 @@ def train(args):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         print(f"[train] resumed from {source} at step {step}")
 
-    world, rank = _world(), _rank()
     micro = args.batch_size // (world * args.grad_accum)
     log = _open_log(args.out / "log.jsonl", step) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=step, desc=args.method, disable=rank != 0)
@@ -515,20 +543,14 @@ def train(args):
             mine = idx[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
             sums = {}
             t0 = time.time()
-            for m in range(args.grad_accum):
+            for m in range(args.grad_accum):  # DDP reduces the student's gradients in the last backward
                 fb = [feats[i] for i in mine[m * micro:(m + 1) * micro]]
-                out = step_losses(args, student, router, collate(fb, tok.pad_token_id), fb, device)
-                (out["loss"] / args.grad_accum).backward()
+                out = step_losses(args, model, router, collate(fb, tok.pad_token_id), fb, device,
+                                  scale=1.0 / args.grad_accum, sync=m == args.grad_accum - 1)
                 for k, v in out.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() / args.grad_accum
+                    sums[k] = sums.get(k, 0) + v.float() / args.grad_accum
             if world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-                for v in sums.values():
-                    dist.all_reduce(v)
-                    v /= world
+                _average(([p.grad for p in router.parameters()] if router else []) + list(sums.values()), world)
             if not torch.isfinite(sums["loss"]):  # after the all-reduce, so every process stops
                 ids = [feats[i]["id"] for i in idx]
                 raise FloatingPointError(f"non-finite loss at step {step + 1}, batch ids {ids}; "
