@@ -61,8 +61,8 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+import answers
 import attention
-import eval as eval_
 import models
 import spans
 
@@ -633,8 +633,8 @@ def cut_rationale(output: str, record: dict) -> tuple[str, str, object]:
         return rationale, "", None
     statement = re.match(r"[^\n]*?(\.(?=\s|$)|$)", statement, re.MULTILINE).group(0)
     if task_of(record) == "csqa":
-        return rationale, statement, eval_.parse_choice(statement, record["choices"], "cot")
-    return rationale, statement, eval_.parse_math(statement, "cot")
+        return rationale, statement, answers.parse_choice(statement, record["choices"], "cot")
+    return rationale, statement, answers.parse_math(statement, "cot")
 
 
 def _resume(path: Path) -> list[dict]:
@@ -678,7 +678,7 @@ def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: 
                     rationale, statement, answer = cut_rationale(output, r)
                     row = {"id": r["id"], "rationale": rationale, "statement": statement, "phase": phase,
                            "teacher_answer": format_number(answer) if isinstance(answer, float) else answer,
-                           "correct": eval_.is_correct(answer, r["answer"], task_of(r))}
+                           "correct": answers.is_correct(answer, r["answer"], task_of(r))}
                     attempts.setdefault(r["id"], {})[phase] = row
                     f.write(json.dumps(row) + "\n")
     chosen = [next(a for a in attempts[r["id"]].values() if kept(a)) for r in records

@@ -5,13 +5,7 @@ No paper equation lives here. Two modes:
             protocol, the default (the paper does not say how it reads answers);
     cot     the rationale task (`data.EXP_PROMPT`), greedy, up to 128 new tokens, answer read from it.
 
-Public functions:
-    parse_math(text, mode) -> float | None    thousands commas removed; answer mode: the first number;
-                                              cot mode: the number after the last "answer is", else the last.
-    parse_choice(text, choices, mode) -> str | None   the first "(x)" letter a-e, else the letter of the
-                                              choice text found first in the output (cot mode: both looked
-                                              for after the last "answer is" when there is one).
-    is_correct(pred, gold, task) -> bool      math: |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
+Answers are read by answers.py (parse_math, parse_choice, is_correct). Public functions:
     evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens) -> (accuracy, items)
     load_set(name, data_dir) -> records       a test set by name (`TEST_SETS`) or a file of problems
                                               (`data.FILE_FORMATS`); `set_label(name)` names its results.
@@ -24,7 +18,6 @@ a, b, c, ...) is scored as CSQA, any other as math. `builtin` names the built-in
 """
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -32,73 +25,18 @@ import torch
 import cli
 import data
 import models
+import problems
+from answers import check_mode, is_correct, parse_choice, parse_math
 from models import generate, load_model
 
 TEST_SETS = ("svamp", "singleeq", "asdiv", "gsm8k", "csqa", "builtin")  # the names; anything else is a file
-NEW_TOKENS = {"answer": 16, "cot": 128}
-NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:\.\d+)?|\.\d+)")  # "5-3" is 5 and 3; "x = -3" is -3
-THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
-LETTER = re.compile(r"\(([a-eA-E])\)")
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in NEW_TOKENS:
-        raise ValueError(f"mode must be one of {sorted(NEW_TOKENS)}, got {mode!r}")
-
-
-def _after_last_answer_is(text: str) -> str | None:
-    hits = list(ANSWER_IS.finditer(text))
-    return text[hits[-1].end():] if hits else None
-
-
-def parse_math(text: str, mode: str = "answer") -> float | None:
-    """The number a model's output answers with, or None when it has none."""
-    _check_mode(mode)
-    text = THOUSANDS.sub("", text)
-    if mode == "answer":
-        found = NUMBER.search(text)
-        return float(found.group()) if found else None
-    tail = _after_last_answer_is(text)
-    found = NUMBER.search(tail) if tail is not None else None
-    if found is None:
-        numbers = NUMBER.findall(text)
-        return float(numbers[-1]) if numbers else None
-    return float(found.group())
-
-
-def parse_choice(text: str, choices: list[str], mode: str = "answer") -> str | None:
-    """The letter ("a".."e") a model's output picks, or None."""
-    _check_mode(mode)
-    tail = _after_last_answer_is(text) if mode == "cot" else None
-    for part in ([tail] if tail is not None else []) + [text]:
-        found = LETTER.search(part)
-        if found:
-            return found.group(1).lower()
-        lowered = part.lower()
-        # earliest occurrence wins; at one position the longer text ("body of water" over "water")
-        hits = [(lowered.find(c.lower()), -len(c), k) for k, c in enumerate(choices) if c and c.lower() in lowered]
-        if hits:
-            return "abcde"[min(hits)[2]]
-    return None
-
-
-def is_correct(pred, gold: str, task: str) -> bool:
-    """Whether a parsed prediction matches the gold answer string."""
-    if task == "math":
-        return pred is not None and abs(pred - float(gold.replace(",", ""))) < 1e-4
-    if task == "csqa":
-        found = LETTER.search(gold)
-        if found is None:
-            raise ValueError(f"CSQA gold answer has no (x) letter: {gold!r}")
-        return pred == found.group(1).lower()
-    raise ValueError(f"task must be 'math' or 'csqa', got {task!r}")
+NEW_TOKENS = {"answer": 16, "cot": 128}  # per mode (answers.MODES)
 
 
 def evaluate(model, tokenizer, records: list[dict], mode: str = "answer", batch_size: int = 16,
              max_new_tokens: int | None = None) -> tuple[float, list[dict]]:
     """Greedy outputs for `records`, scored; returns (accuracy in [0, 1], per-item dicts)."""
-    _check_mode(mode)
+    check_mode(mode)
     if not records:
         raise ValueError("evaluate needs at least one record")
     template = data.PRE_PROMPT if mode == "answer" else data.EXP_PROMPT
@@ -139,8 +77,6 @@ def check_sets(sets: list[str]) -> str | None:
 def load_set(name: str, data_dir) -> list[dict]:
     """Test records of a set name (`builtin` = the built-in word problems) or of a file of problems."""
     if name == "builtin":
-        import problems
-
         return problems.make_problems(200, seed=1)
     if name in TEST_SETS:
         return data.load_dataset(name, "test", data_dir)
@@ -150,7 +86,7 @@ def load_set(name: str, data_dir) -> list[dict]:
 def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_size: int = 16,
         limit: int | None = None, out=None, dtype: str = "auto") -> dict[str, float]:
     """Evaluate the checkpoint on each set; print a markdown table; write eval_<mode>.json and JSONL."""
-    _check_mode(mode)
+    check_mode(mode)
     out = Path(out if out is not None else checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     tests = {name: load_set(name, data_dir)[:limit] for name in sets}  # every set read before the model loads

@@ -11,6 +11,7 @@ import torch
 from tiny_tokenizers import bytelevel_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import answers
 import data
 import eval as ev
 from models import generate
@@ -39,12 +40,12 @@ DATA = Path(os.environ.get("MOLSAKI_DATA", Path(__file__).resolve().parents[2] /
     ("", "cot", None),
 ])
 def test_parse_math(text, mode, expected):
-    assert ev.parse_math(text, mode) == expected
+    assert answers.parse_math(text, mode) == expected
 
 
 def test_bad_mode_is_an_error():
     with pytest.raises(ValueError, match="mode"):
-        ev.parse_math("1", "rationale")
+        answers.parse_math("1", "rationale")
 
 
 CHOICES = ["water", "body of water", "wooded area", "pay debts", "zoo"]
@@ -64,19 +65,19 @@ CHOICES = ["water", "body of water", "wooded area", "pay debts", "zoo"]
     ("Not (a) water, I think.", "cot", "a"),  # no "answer is": the whole text
 ])
 def test_parse_choice(text, mode, expected):
-    assert ev.parse_choice(text, CHOICES, mode) == expected
+    assert answers.parse_choice(text, CHOICES, mode) == expected
 
 
 def test_is_correct():
-    assert ev.is_correct(3.00001, "3", "math")
-    assert not ev.is_correct(3.001, "3", "math")
-    assert ev.is_correct(1200.0, "1,200", "math")
-    assert not ev.is_correct(None, "3", "math")
-    assert ev.is_correct("c", "(c) wooded area", "csqa")
-    assert not ev.is_correct("b", "(c) wooded area", "csqa")
-    assert not ev.is_correct(None, "(c) wooded area", "csqa")
+    assert answers.is_correct(3.00001, "3", "math")
+    assert not answers.is_correct(3.001, "3", "math")
+    assert answers.is_correct(1200.0, "1,200", "math")
+    assert not answers.is_correct(None, "3", "math")
+    assert answers.is_correct("c", "(c) wooded area", "csqa")
+    assert not answers.is_correct("b", "(c) wooded area", "csqa")
+    assert not answers.is_correct(None, "(c) wooded area", "csqa")
     with pytest.raises(ValueError):
-        ev.is_correct(3.0, "3", "svamp")
+        answers.is_correct(3.0, "3", "svamp")
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"no data at {DATA}")
@@ -86,8 +87,8 @@ def test_gold_answers_parse(name):
         pytest.skip("data.load_dataset not written yet")
     golds = [r["answer"] for r in data.load_dataset(name, "test", DATA)]
     assert golds
-    assert [g for g in golds if ev.parse_math(g) != float(g)] == []
-    assert [g for g in golds if ev.parse_math(f"So we get 7. The answer is {g}.", "cot") != float(g)] == []
+    assert [g for g in golds if answers.parse_math(g) != float(g)] == []
+    assert [g for g in golds if answers.parse_math(f"So we get 7. The answer is {g}.", "cot") != float(g)] == []
 
 
 def fake_generator(outputs, calls):
@@ -191,9 +192,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     for item, record in zip(items, records, strict=True):
         assert item["prompt"] == data.PRE_PROMPT.format(question=record["question"])
         assert item["output"] == greedy_loop(model, tok, item["prompt"], 16)[0]
-        assert item["parsed"] == ev.parse_math(item["output"])
+        assert item["parsed"] == answers.parse_math(item["output"])
         assert item["gold"] == record["answer"]
-        assert item["correct"] == ev.is_correct(item["parsed"], record["answer"], "math")
+        assert item["correct"] == answers.is_correct(item["parsed"], record["answer"], "math")
     accuracy = sum(i["correct"] for i in items) / 8
     assert accuracies["builtin"] == accuracy
     assert "| set | n | accuracy % |" in stdout and f"| builtin | 8 | {100 * accuracy:.2f} |" in stdout

@@ -1,0 +1,77 @@
+"""Reading a model's answer (SPEC §8): the number or the choice an output states, and whether it is right.
+
+No paper equation lives here; eval.py scores with these functions and data.py reads the teacher's answers with
+them (so neither imports the other). Two modes: `answer`, the output of the answer task; `cot`, a rationale
+that ends with its answer statement.
+
+Public functions:
+    parse_math(text, mode) -> float | None    thousands commas removed; answer mode: the first number;
+                                              cot mode: the number after the last "answer is", else the last.
+    parse_choice(text, choices, mode) -> str | None   the first "(x)" letter a-e, else the letter of the
+                                              choice text found first in the output (cot mode: both looked
+                                              for after the last "answer is" when there is one).
+    is_correct(pred, gold, task) -> bool      math: |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
+    check_mode(mode)                          ValueError unless mode is "answer" or "cot".
+"""
+
+import re
+
+MODES = ("answer", "cot")
+NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:\.\d+)?|\.\d+)")  # "5-3" is 5 and 3; "x = -3" is -3
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
+LETTER = re.compile(r"\(([a-eA-E])\)")
+
+
+def check_mode(mode: str) -> None:
+    """ValueError unless `mode` is one of MODES."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+
+
+def _after_last_answer_is(text: str) -> str | None:
+    hits = list(ANSWER_IS.finditer(text))
+    return text[hits[-1].end():] if hits else None
+
+
+def parse_math(text: str, mode: str = "answer") -> float | None:
+    """The number a model's output answers with, or None when it has none."""
+    check_mode(mode)
+    text = THOUSANDS.sub("", text)
+    if mode == "answer":
+        found = NUMBER.search(text)
+        return float(found.group()) if found else None
+    tail = _after_last_answer_is(text)
+    found = NUMBER.search(tail) if tail is not None else None
+    if found is None:
+        numbers = NUMBER.findall(text)
+        return float(numbers[-1]) if numbers else None
+    return float(found.group())
+
+
+def parse_choice(text: str, choices: list[str], mode: str = "answer") -> str | None:
+    """The letter ("a".."e") a model's output picks, or None."""
+    check_mode(mode)
+    tail = _after_last_answer_is(text) if mode == "cot" else None
+    for part in ([tail] if tail is not None else []) + [text]:
+        found = LETTER.search(part)
+        if found:
+            return found.group(1).lower()
+        lowered = part.lower()
+        # earliest occurrence wins; at one position the longer text ("body of water" over "water")
+        hits = [(lowered.find(c.lower()), -len(c), k) for k, c in enumerate(choices) if c and c.lower() in lowered]
+        if hits:
+            return "abcde"[min(hits)[2]]
+    return None
+
+
+def is_correct(pred, gold: str, task: str) -> bool:
+    """Whether a parsed prediction matches the gold answer string."""
+    if task == "math":
+        return pred is not None and abs(pred - float(gold.replace(",", ""))) < 1e-4
+    if task == "csqa":
+        found = LETTER.search(gold)
+        if found is None:
+            raise ValueError(f"CSQA gold answer has no (x) letter: {gold!r}")
+        return pred == found.group(1).lower()
+    raise ValueError(f"task must be 'math' or 'csqa', got {task!r}")
