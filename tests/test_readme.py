@@ -1,5 +1,6 @@
-"""The README is the user's manual: every command it shows parses with the script's own argument parser, the
-flag table of train.py lists exactly the flags train.py has, and the make targets it names exist."""
+"""The README and the pages it links (docs/) are the user's manual: every command they show parses with the
+script's own argument parser, the flag table of train.py lists exactly the flags train.py has, every flag they
+name exists, every file they link exists, and the make targets they name exist."""
 
 import contextlib
 import io
@@ -14,11 +15,14 @@ import eval as eval_
 import plots
 import reproduce
 import train
+import walkthrough
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README = "\n".join(p.read_text() for p in PAGES)  # the manual: the README and its pages
+USAGE = (ROOT / "docs" / "usage.md").read_text()
 PARSERS = {"train.py": train.parse_args, "eval.py": eval_.parse_args, "plots.py": plots.parse_args,
-           "bench.py": bench.parse_args, "reproduce.py": reproduce.parse_args}
+           "bench.py": bench.parse_args, "reproduce.py": reproduce.parse_args, "walkthrough.py": walkthrough.parse_args}
 
 
 def readme_commands():
@@ -49,7 +53,7 @@ def _help_flags(parse):
 
 
 def test_train_flag_table_is_complete():
-    section = README.split("### `train.py` flags", 1)[1].split("\n\n", 2)[1]  # the table after the heading
+    section = USAGE.split("## `train.py` flags", 1)[1].split("\n\n", 2)[1]  # the table after the heading
     table = set(re.findall(r"^\| `(--[a-z0-9-]+)`(?:, `(--[a-z0-9-]+)`)?", section, re.M))
     table = {f for row in table for f in row if f}
     assert table == _help_flags(train.parse_args)
@@ -81,3 +85,11 @@ def test_readme_runs_write_to_different_directories():
     read = {Path(a).parent if a.endswith("checkpoint") else Path(a)
             for argv in evals for a in argv if a.startswith("runs/")}
     assert read and read <= set(outs), (read, outs)
+
+
+def test_links_exist():
+    """Every relative link of the README and its pages names a file of the repository."""
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+://", target):
+                assert (page.parent / target).exists(), (page.name, target)
