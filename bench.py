@@ -579,6 +579,9 @@ def count_flops(fake=True):
 
 
 FLOP_NOTES = [
+    "- random:gpt2-large has smollm2-135m's tokenizer (GPT-2's is not available offline; both are byte-level BPE). "
+    "Its default batch is 1 x 512 for memory (float32 weights and gradients, 6.2 GB, and under dropout the N x N "
+    "tensors of attention); every exp text being N tokens, FLOPs grow as B up to the answer task's padding.",
     "- FLOPs: 2 per multiply-add of each matrix product and attention kernel (torch.utils.flop_counter's rule); "
     "elementwise work (norms, activations, softmax, the losses, clipping, AdamW: tens of FLOPs per parameter or "
     "activation) counts 0 in every method. FLOPs depend on shapes only: random weights, and the matrix products run "
