@@ -3,50 +3,53 @@
     python bench.py                  # smollm2-135m student, gemma3-270m teacher, batch 4, N = 512
     python bench.py --quick          # tiny random models, under a minute on 2 CPU cores
 
-No paper equation lives here; it measures the routes of attention.py (SPEC §4) inside the real training
-step of train.py. Every configuration runs in its own process, so that its peak memory is its own: a fresh
-fork of a server process that has only imported the modules (importing torch and transformers takes 3-7 s,
-more than a --quick configuration). `python bench.py --one '<json>'` runs one configuration in the current
-process and prints its JSON (for profiling). Three sections, one markdown table each on stdout, all numbers in
-`--out/bench.json` (and the tables in `--out/bench.md`):
+No paper equation lives here; it measures the routes of attention.py (SPEC §4) inside the real training step of
+train.py. Every configuration runs in its own process, so that its peak memory is its own: a fresh fork of a server
+process that has only imported the modules (importing torch and transformers takes 3-7 s, more than a --quick
+configuration); `python bench.py --one '<json>'` runs one in this process and prints its JSON (for profiling). Four
+sections, one markdown table each on stdout and in `--out/bench.md`, every number in `--out/bench.json`:
 
-- train: one optimizer step (`train.step_losses`: the pre and exp passes, losses, backward, clipping,
-  AdamW) of `dss` (SDPA), `molsaki` through the fast capture, and `molsaki` through eager
-  `output_attentions` (the naive route), same student and batch, as ratios to dss. The three take turns,
-  `--rounds` processes each (dss, molsaki, naive, alternating, dss, ...), since on a shared machine the speed of a whole
-  process moves by more than the difference measured: the step time is the median of all timed steps of a
-  route, memory the median over its processes, and the table adds the ratio within each round. Each round
-  also runs one alternating process: the three routes on one model, a step each in turn, so that every
-  cycle compares steps taken within a minute of each other; the time target uses the median of those
-  per-cycle ratios.
-- capture: forward + backward of the student alone (batch 1, `logits_to_keep=1`) for N in `--lengths`:
-  plain SDPA, the capture (loss sum(A * w)), eager attention (the same loss).
-- teacher: examples per second of `data.build_attention_cache`, and teacher forward passes per training
-  example counted by a forward pre-hook, against recomputing the teacher at every step.
+- train: one optimizer step (`train.step_losses`: the pre and exp passes, losses, backward, clipping, AdamW) of dss
+  (SDPA), molsaki through the fast capture, and molsaki through eager `output_attentions` (the naive route), same
+  student and batch, as ratios to dss. On a shared machine a whole process runs faster or slower by more than the
+  difference measured, so the routes take turns, `--rounds` processes each (dss, molsaki, naive, alternating, dss,
+  ...): step time = the median of all timed steps of a route, memory the median over its processes, and the table
+  adds the ratio within each round. Each round's alternating process runs the three routes on one model, a step
+  each in turn; the time target uses the median of those per-cycle ratios (steps a minute apart).
+- capture: forward + backward of the student alone (batch 1, `logits_to_keep=1`) for N in `--lengths`: plain SDPA,
+  the capture (loss sum(A * w)), eager attention (the same loss).
+- teacher: examples per second of `data.build_attention_cache`, and teacher forward passes per training example
+  counted by a forward pre-hook, against recomputing the teacher at every step.
+- flops: FLOPs of one training step (forward and backward) of vanilla, dss, mmi, molsaki and naive, as the paper's
+  Table 5, at the smollm2-135m and GPT-2 large shapes (random weights): torch's FlopCounterMode, plus by hand the
+  CPU attention kernels it has no formula for (`attention_flops`, `count_flops`; FLOP_NOTES says what is counted).
 
-Memory. CUDA: `torch.cuda.max_memory_allocated` after a reset at the end of warm-up. CPU: the peak RSS of
-the timed steps (VmHWM, reset at the end of warm-up through /proc/self/clear_refs), and the raw
-`ru_maxrss` of the whole process. `work` = that peak minus the memory right after the model, batch and
-optimizer were made (so it counts gradients, optimizer state, activations and allocator slack, not the
-weights and libraries); ratios to dss use `work`. `saved` is exact and allocator-free: the bytes of the
-distinct tensors autograd keeps for backward during one step (saved-tensor hooks, parameters excluded).
-Time. On glibc, every configuration first keeps malloc's memory in the process (`pin_malloc`: no mmap, no
-trimming; `--malloc-default` keeps glibc's settings), so that step times count the work and not the page faults
-of memory handed back to the OS.
+Memory. CUDA: `torch.cuda.max_memory_allocated` after a reset at the end of warm-up. CPU: the peak RSS of the timed
+steps (VmHWM, reset at the end of warm-up through /proc/self/clear_refs), and the raw `ru_maxrss` of the process.
+`work` = that peak minus the memory once the model, batch and optimizer are made (gradients, optimizer state,
+activations and allocator slack, not weights and libraries); ratios to dss use `work`. `saved` is exact: the bytes
+of the distinct tensors autograd keeps for backward in one step (saved-tensor hooks, parameters excluded).
+Time. On glibc every configuration first keeps malloc's memory in the process (`pin_malloc`; `--malloc-default`
+keeps glibc's settings), so that step times count the work, not the page faults of memory handed back to the OS.
 
-The synthetic batch: built-in problems (`problems.make_problems`), the first one's question and the
-rationales of as many problems as it takes for the exp text to reach N tokens, with its real steps and
-numbers (`spans`); the pre task is that question and its answer. The teacher target A_t is random (the
-teacher is cached, not part of a step). The naive route gets the router's value states from forward
-hooks on each layer's `v_proj` (uniform p_s for a model without one).
+The synthetic batch: a built-in problem's question (`problems.make_problems`) and the rationales of as many problems
+as it takes for the exp text to reach N tokens, with its real steps and numbers (`spans`); the pre task is that
+question and its answer. The teacher target A_t is random (the teacher is cached, not part of a step). The naive
+route gets the router's value states from forward hooks on each layer's `v_proj` (uniform p_s without one).
+Models: `--model` / `--teacher` take what train.py takes, the tiny random ones of --quick, or `random:FOLDER` (a
+folder with only a config and a tokenizer: random weights of that shape, for a GPU machine that cannot take the real
+weights; the same step time and memory) or `random:NAME` of SHAPES. On CUDA the train and capture sections run
+under bf16 autocast, as training does.
 
-Models: `--model` / `--teacher` take what train.py takes, the tiny random ones of --quick, or `random:FOLDER`:
-a folder with only a config and a tokenizer gives random weights of that shape (a GPU machine that cannot take
-the real weights measures the same step time and memory). On CUDA the train and capture sections run under bf16
-autocast, as training does.
+Why ~900 lines and not 500: four instruments that share the model loading, the synthetic batch, the training step of
+each route (`_route_step`, `_stepper`), the timer and the process runner, but each needs its own meter (step time
+over interleaved rounds, RSS and saved-tensor memory, a forward-hook count, a FLOP counter with its by-hand kernels)
+and its own table with the numbers that make it checkable (rounds, per-cycle ratios, notes); and the naive route
+re-implements molsaki's step losses on eager attention, which train.py does not have.
 
 Public functions: `parse_args`, `configs`, `pin_malloc`, `run_one`, `bench_train`, `bench_alternate`,
-`naive_step_losses`, `long_examples`, `summarize`, `tables`, `main`.
+`bench_capture`, `bench_teacher`, `bench_flops`, `count_flops`, `attention_flops`, `naive_step_losses`,
+`long_examples`, `summarize`, `tables`, `main`.
 """
 
 import argparse
@@ -54,6 +57,7 @@ import ctypes
 import ctypes.util
 import json
 import multiprocessing
+import operator
 import os
 import resource
 import statistics
@@ -65,11 +69,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tok_models
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map_only
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     Gemma3TextConfig,
+    GPT2Config,
     LlamaConfig,
     PreTrainedTokenizerFast,
 )
@@ -86,16 +94,20 @@ import train
 DEFAULTS = {  # the issue's setting, and --quick: tiny random models
     "full": {"model": "smollm2-135m", "teacher": "gemma3-270m", "batch_size": 4, "seq_len": 512, "steps": 3,
              "warmup": 2, "rounds": 3, "lengths": "128,256,512,1024,2048", "cache_examples": 64,
-             "teacher_batch_size": 8, "threads": 0},
+             "teacher_batch_size": 8, "threads": 0, "flop_models": "random:smollm2-135m,random:gpt2-large@1x512"},
     "quick": {"model": "tiny-llama", "teacher": "tiny-gemma3", "batch_size": 2, "seq_len": 256, "steps": 2,
               "warmup": 1, "rounds": 2, "lengths": "128,256", "cache_examples": 8, "teacher_batch_size": 4,
-              "threads": 1},
+              "threads": 1, "flop_models": "tiny-llama,tiny-gpt2"},
 }
-TARGETS = {"time": 1.10, "memory": 1.10, "capture_memory": 8.0, "teacher_passes": 1.0}
+COMPARE = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
+TARGETS = {"time": ("<=", 1.10), "memory": ("<=", 1.10), "capture_memory": (">=", 8.0), "teacher_passes": ("==", 1.0)}
 SVAMP_TRAIN = 800  # the paper's schedule: 4000 steps x batch 16 over the 800 SVAMP training items
 TEACHER_LAYERS = 18  # A_t's layers before mixing (gemma3-270m); only its mixed [S, W] enters a step
 TRAIN_ROUTES = {"dss": "sdpa", "molsaki": attention.ATTN, "naive": "eager"}
+FLOP_ROUTES = {"vanilla": "sdpa", "dss": "sdpa", "mmi": "sdpa", "molsaki": attention.ATTN, "naive": "eager"}
+TABLE5 = {"gpt2-large": {"vanilla": 2.007, "dss": 6.081, "mmi": 6.0810010, "molsaki": 6.0810273}}  # x 1e11 FLOPs
 CAPTURE_ROUTES = {"sdpa": "sdpa", "capture": attention.ATTN, "eager": "eager"}
+SECTIONS = ("train", "capture", "teacher", "flops")
 
 
 def parse_args(argv=None):
@@ -117,7 +129,10 @@ def parse_args(argv=None):
     a("--teacher-batch-size", type=int, default=None, help="batch of the cache pass; None = 8")
     a("--threads", type=int, default=None, help="torch threads in each child, 0 = torch's default; None = 0 "
       "(--quick: 1, since tiny ops on a busy machine only wait for each other's threads)")
-    a("--sections", default="train,capture,teacher", help="which sections to run, comma-separated")
+    a("--flop-models", default=None, help="comma-separated students of the flops section, each MODEL[@BxN] (default "
+      "shape: --batch-size x --seq-len); random:smollm2-135m and random:gpt2-large are those shapes with random "
+      "weights; None = random:smollm2-135m,random:gpt2-large@1x512")
+    a("--sections", default=",".join(SECTIONS), help="which sections to run, comma-separated")
     a("--malloc-default", action="store_true", help="keep glibc's malloc settings (see pin_malloc): freed "
       "memory goes back to the OS and is faulted in again, at a cost that differs by route and by run")
     a("--out", default="runs/bench", help="run directory for bench.json and bench.md")
@@ -128,10 +143,21 @@ def parse_args(argv=None):
             setattr(args, k, v)
     args.lengths = [int(n) for n in str(args.lengths).split(",")]
     args.sections = args.sections.split(",")
-    if not set(args.sections) <= {"train", "capture", "teacher"}:
-        p.error(f"--sections: choose among train, capture, teacher, got {args.sections}")
+    if not set(args.sections) <= set(SECTIONS):
+        p.error(f"--sections: choose among {', '.join(SECTIONS)}, got {args.sections}")
+    try:
+        args.flop_models = [_flop_model(m, args.batch_size, args.seq_len) for m in args.flop_models.split(",")]
+    except ValueError:
+        p.error(f"--flop-models: each entry MODEL or MODEL@BxN (random:gpt2-large@1x512), got {args.flop_models}")
     args.out = Path(args.out)
     return args
+
+
+def _flop_model(spec, batch_size, seq_len):
+    """MODEL[@BxN] -> (MODEL, B, N)."""
+    model, _, shape = spec.partition("@")
+    b, n = (int(x) for x in shape.split("x")) if shape else (batch_size, seq_len)
+    return model, b, n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,34 +175,43 @@ def byte_tokenizer():
 
 
 def tiny_config(name):
-    common = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  max_position_embeddings=4096, eos_token_id=256, pad_token_id=256, bos_token_id=256)
+    common = dict(vocab_size=257, max_position_embeddings=4096, eos_token_id=256, pad_token_id=256, bos_token_id=256)
+    llama = dict(common, hidden_size=64, intermediate_size=128, num_attention_heads=4)
     if name == "tiny-llama":
-        return LlamaConfig(**common, num_hidden_layers=4, num_key_value_heads=2)
+        return LlamaConfig(**llama, num_hidden_layers=4, num_key_value_heads=2)
     if name == "tiny-gemma3":
-        return Gemma3TextConfig(**common, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+        return Gemma3TextConfig(**llama, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
                                 sliding_window=64, layer_types=["sliding_attention"] * 2 + ["full_attention"])
+    if name == "tiny-gpt2":  # attention dropout 0.1, as GPT-2's: the capture's second SDPA call (attention.py)
+        return GPT2Config(**common, n_embd=64, n_layer=2, n_head=4)
     return None
 
 
+SHAPES = {  # random:NAME without such a folder: these students' configurations, built here (no download)
+    "smollm2-135m": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                        num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                        max_position_embeddings=8192, tie_word_embeddings=True),
+    "gpt2-large": lambda: GPT2Config(vocab_size=50257, n_embd=1280, n_layer=36, n_head=20, n_positions=1024),
+}
+
+
 def load(name, attn):
-    """A model and its tokenizer: tiny-llama / tiny-gemma3, `random:FOLDER` (a folder with only a config and a
-    tokenizer: random weights of that shape, for a machine that cannot take the real ones; time and memory are
-    the same), or anything models.load_model takes."""
-    if name.startswith("random:"):
-        folder = name.removeprefix("random:")
+    """A model and its tokenizer: tiny-llama / tiny-gemma3 / tiny-gpt2, `random:FOLDER` (a folder with only a config
+    and a tokenizer: random weights of that shape, for a machine that cannot take the real ones; time and memory are
+    the same), `random:NAME` of SHAPES (with the tokenizer of smollm2-135m, a byte-level BPE as GPT-2's, which is not
+    available offline), or anything models.load_model takes."""
+    folder = name.removeprefix("random:")
+    if name.startswith("random:") and folder in SHAPES and not Path(folder).is_dir():
+        config, tok = SHAPES[folder](), AutoTokenizer.from_pretrained(models._path("smollm2-135m"))
+    elif name.startswith("random:"):
         config, tok = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-        tok.pad_token = tok.pad_token or tok.eos_token
     elif tiny_config(name) is not None:
         config, tok = tiny_config(name), byte_tokenizer()
     else:
         return models.load_model(name, attn_implementation=attn)
+    tok.pad_token = tok.pad_token or tok.eos_token
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn), tok
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,13 +350,7 @@ def _measure(step, model, device, warmup, steps):
         step()
     _sync(device)
     _reset_peak(device)
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = [_timed(step, device)[0] for _ in range(steps)]
     peak = _peak(device)
     with saved_bytes(model) as saved:
         step(saved=True)
@@ -335,32 +364,53 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _timed(fn, device):
+    """(seconds, result) of fn(), the device synchronized before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _stepper(loss, params, opt=None, max_norm=None):
+    """step(saved=False): loss(), then its backward, clipping and the optimizer step where given (else the gradients
+    are dropped); saved=True (the saved-bytes pass): the forward only, its graph then freed."""
+    def step(saved=False):
+        value = loss()
+        if saved:
+            return
+        value.backward()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if opt:
+            opt.step()
+        for p in params:
+            p.grad = None
+
+    return step
+
+
 def _route_step(route, cfg, student, tok, router, opt, device):
-    """step(saved=False): one optimizer step of `route` on `student`, whose attention must be the route's (or
-    molsaki, which is plain SDPA outside a capture, for dss); and its features."""
+    """One optimizer step of `route` (a method of train.py, or naive: molsaki through eager attention) on `student`,
+    whose attention must be the route's (or molsaki, which is plain SDPA outside a capture, for the others):
+    (step as _stepper gives it, batch, features, router, loss), loss() being the step's forward alone."""
     N = cfg["seq_len"]
-    method = "dss" if route == "dss" else "molsaki"
+    method = "molsaki" if route == "naive" else route
     args = train.parse_args(["--method", method, "--max-length", str(N), "--student", cfg["model"]])
     examples = long_examples(tok, cfg["batch_size"], N)
     cache = fake_cache(tok, examples, N) if method == "molsaki" else None
     feats = train.features(args, examples, tok, cache, student.config.num_hidden_layers)
     batch = train.collate(feats, tok.pad_token_id)
     router = router if _uses_router(route, student) else None
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]] if opt else []
 
-    def step(saved=False):
+    def loss():
         if route == "naive":
-            loss = naive_step_losses(args, student, router, batch, feats, device)
-        else:
-            loss = train.step_losses(args, student, router, batch, feats, device)["loss"]
-        if saved:  # the saved-bytes pass: forward only, then free the graph
-            return
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            return naive_step_losses(args, student, router, batch, feats, device)
+        return train.step_losses(args, student, router, batch, feats, device)["loss"]
 
-    return step, batch, feats, router
+    return _stepper(loss, params, opt, args.max_grad_norm), batch, feats, router, loss
 
 
 def _uses_router(route, student):
@@ -386,7 +436,7 @@ def bench_train(cfg, device):
     if route == "alternate":
         return bench_alternate(cfg, device)
     student, tok, router, opt = _student(cfg, TRAIN_ROUTES[route], device, [route])
-    step, batch, feats, router = _route_step(route, cfg, student, tok, router, opt, device)
+    step, batch, feats, router, _ = _route_step(route, cfg, student, tok, router, opt, device)
     out = _measure(step, student, device, cfg["warmup"], cfg["steps"])
     out.update(exp_tokens=batch["exp_mask"].sum(1).tolist(), pre_tokens=batch["pre_mask"].sum(1).tolist(),
                router="value states (capture)" if route == "molsaki" else
@@ -407,12 +457,9 @@ def bench_alternate(cfg, device):
     for cycle in range(1 + cfg["steps"]):
         for route in routes[cycle % len(routes):] + routes[:cycle % len(routes)]:
             student.set_attn_implementation(TRAIN_ROUTES[route] if route == "naive" else attention.ATTN)
-            _sync(device)
-            t0 = time.perf_counter()
-            steps[route]()
-            _sync(device)
+            sec = _timed(steps[route], device)[0]
             if cycle:
-                times[route].append(time.perf_counter() - t0)
+                times[route].append(sec)
     return {"times": times}
 
 
@@ -427,14 +474,8 @@ def bench_capture(cfg, device):
     S, W = len(groups[0][0]), len(groups[0][1])
     w = torch.randn(model.config.num_hidden_layers, S, W, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def step(saved=False):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as in training
-            loss = capture_loss()
-        if not saved:
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-
-    def capture_loss():
+    @torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # as in training
+    def loss():
         if route == "sdpa":
             return model(ids, attention_mask=mask, logits_to_keep=1).logits.float().sum()
         if route == "capture":
@@ -444,7 +485,7 @@ def bench_capture(cfg, device):
         out = model(ids, attention_mask=mask, logits_to_keep=1, output_attentions=True)
         return (attention.stepwise_from_attentions_batched(out.attentions, groups)[0] * w).sum()
 
-    out = _measure(step, model, device, cfg["warmup"], cfg["steps"])
+    out = _measure(_stepper(loss, list(model.parameters())), model, device, cfg["warmup"], cfg["steps"])
     out.update(tokens=ids.shape[1], steps=S, words=W, critical_tokens=sum(len(t) for t in groups[0][1]))
     return out
 
@@ -460,11 +501,7 @@ def bench_teacher(cfg, device):
     calls = []
     hook = model.register_forward_pre_hook(
         lambda m, args, kwargs: calls.append(len(args[0] if args else kwargs["input_ids"])), with_kwargs=True)
-    _sync(device)
-    t0 = time.perf_counter()
-    cache = data.build_attention_cache(model, tok, examples, meta, cfg["max_length"], bs)
-    _sync(device)
-    sec = time.perf_counter() - t0
+    sec, cache = _timed(lambda: data.build_attention_cache(model, tok, examples, meta, cfg["max_length"], bs), device)
     hook.remove()
     tokens = sum(len(tok(data.EXP_PROMPT.format(question=e["question"]) + " " + e["rationale"])["input_ids"])
                  for e in examples)
@@ -474,6 +511,116 @@ def bench_teacher(cfg, device):
             "tokens_per_sec": tokens / sec, "passes_per_example": sum(calls) / len(examples),
             "passes_per_example_no_cache": paper["max_steps"] * paper["batch_size"] / SVAMP_TRAIN,
             "schedule": f"{paper['max_steps']} steps x {paper['batch_size']} / {SVAMP_TRAIN} SVAMP items"}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs of one training step per method, as the paper's Table 5.
+
+
+def attention_flops(q, k, v, backward=False):
+    """FLOPs of one scaled-dot-product attention call, by hand, from the shapes q [B, H, Nq, D], k [B, H_kv, Nk, D]
+    and v [B, H_kv, Nk, Dv] (grouped-query attention: H_kv divides H; each query head attends to all Nk keys):
+
+        forward   2 B H Nq Nk (D + Dv)        Q K^T, then P V
+        backward  2 B H Nq Nk (3 D + 2 Dv)    Q K^T again (the kernel keeps no P), dP = dO V^T, dV = P^T dO,
+                                              dQ = dS K, dK = dS^T Q
+
+    Under a causal mask the hidden half is counted too, as torch's formulas for its flash and efficient kernels
+    count it (a test checks this function against FlopCounterMode on those kernels and on plain matmuls)."""
+    B, H, Nq, D = q
+    Nk, Dv = k[-2], v[-1]
+    return 2 * B * H * Nq * Nk * ((3 * D + 2 * Dv) if backward else (D + Dv))
+
+
+BY_HAND = {  # CPU SDPA kernels, which torch 2.13's FlopCounterMode has no formula for (it counts them 0)
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: attention_flops(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *a, **kw: attention_flops(q, k, v, backward=True),
+}
+PRODUCTS = {"mv", "addmv", "dot", "vdot", "addr"}  # matrix products the counter has no formula for
+
+
+class _Shapes(TorchDispatchMode):
+    """Beneath FlopCounterMode: the ops it counts (`counted`: matrix products and attention kernels) return zeros of
+    the shape their meta kernel gives instead of running (fake=True). FLOPs depend on shapes only, and nothing in a
+    step's control flow on those values (masks, labels and token groups come from the batch), so a step at the GPT-2
+    large shape is counted in seconds. Records the ops that multiply matrices or attend but that no formula counts."""
+
+    def __init__(self, counted, fake):
+        super().__init__()
+        self.counted, self.fake, self.uncounted = counted, fake, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs, packet = kwargs or {}, func._overloadpacket
+        if packet not in self.counted or not self.fake:
+            if packet not in self.counted and (packet.__name__ in PRODUCTS or "attention" in packet.__name__):
+                self.uncounted.add(packet.__name__)
+            return func(*args, **kwargs)
+        device = next(t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        margs, mkwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        return tree_map_only(torch.Tensor, lambda m: torch.zeros_like(m, device=device), func(*margs, **mkwargs))
+
+
+@contextmanager
+def count_flops(fake=True):
+    """Count the FLOPs of the block: torch's FlopCounterMode (2 per multiply-add of every matrix product and attention
+    kernel it has a formula for), plus BY_HAND; with fake=True those ops return zeros of their shape (`_Shapes`).
+    Yields so_far() -> {"total", "by_hand", "uncounted": names of product or attention ops that nothing counted}."""
+    counter = FlopCounterMode(display=False, custom_mapping=BY_HAND)
+    shapes = _Shapes(counter.flop_registry, fake)
+
+    def so_far():
+        per_op = counter.get_flop_counts().get("Global", {})
+        return {"total": sum(per_op.values()), "by_hand": sum(v for k, v in per_op.items() if k in BY_HAND),
+                "uncounted": sorted(shapes.uncounted)}
+
+    with shapes, counter:
+        yield so_far
+
+
+FLOP_NOTES = [
+    "- random:gpt2-large has smollm2-135m's tokenizer (GPT-2's is not available offline; both are byte-level BPE). "
+    "Its default batch is 1 x 512 for memory (float32 weights and gradients, 6.2 GB, and under dropout the N x N "
+    "tensors of attention); every exp text being N tokens, FLOPs grow as B up to the answer task's padding.",
+    "- FLOPs: 2 per multiply-add of each matrix product and attention kernel (torch.utils.flop_counter's rule); "
+    "elementwise work (norms, activations, softmax, the losses, clipping, AdamW: tens of FLOPs per parameter or "
+    "activation) counts 0 in every method. FLOPs depend on shapes only: random weights, and the matrix products run "
+    "as zeros of their shape (the counts of computing them: a test checks).",
+    "- By hand (`attention_flops`): CPU SDPA, `aten._scaled_dot_product_flash_attention_for_cpu` and its backward, "
+    "which torch 2.13's counter has no formula for: forward 2 B H Nq Nk (D + Dv), backward 2 B H Nq Nk (3 D + 2 Dv) "
+    "(Q K^T recomputed); the causal half counted, as torch counts its flash and efficient GPU kernels. Under "
+    "attention dropout (GPT-2) CPU SDPA runs its math path: matmuls the counter sees, backward 2 B H Nq Nk 2 (D + Dv).",
+    "- Seen by the counter: `_CriticalProbs` with its hand-written backward (dispatched matmuls): over its row blocks "
+    "2 B H n kc D forward, 3x that backward (softmax recomputed, dQ, dK), checked by a test. The capture's SDPA call "
+    "runs at head size D + 8 (the critical-token value column), and under dropout a second call gives pi.",
+    "- The paper's Table 5 (GPT2-Large, x 1e11) does not say what it counts; its vanilla / dss (0.33) follows its "
+    "texts (here: an exp text of N tokens beside a short answer task), its molsaki / dss (1 + 4.5e-6) counts the "
+    "router only, the attention being taken from the forward pass as it is.",
+]
+
+
+def bench_flops(cfg, device):
+    """FLOPs of one training step of each method of FLOP_ROUTES on one student: the step's forward (train.step_losses;
+    naive_step_losses) and its backward, by count_flops. Clipping and AdamW, elementwise, are left out (they count 0).
+    One model, as bench_alternate: molsaki attention (plain SDPA outside a capture), eager for naive."""
+    student, tok, router, _ = _student(cfg, attention.ATTN, device, FLOP_ROUTES)
+    out = {"params": sum(p.numel() for p in student.parameters()), "layers": student.config.num_hidden_layers}
+    for route in FLOP_ROUTES:
+        _, batch, feats, _, loss = _route_step(route, cfg, student, tok, router, None, device)
+        student.set_attn_implementation("eager" if route == "naive" else attention.ATTN)
+        with count_flops(cfg.get("fake", True)) as flops:
+            value = loss()
+            forward = flops()
+            value.backward()
+        out[route] = dict(flops(), forward=forward["total"], forward_by_hand=forward["by_hand"])
+        student.zero_grad(set_to_none=True)
+        if router:
+            router.zero_grad(set_to_none=True)
+        if route == "molsaki":
+            out.update(exp_tokens=batch["exp_mask"].sum(1).tolist(), pre_tokens=batch["pre_mask"].sum(1).tolist(),
+                       words=[len(f["groups"][1]) for f in feats],
+                       critical_tokens=[len({j for w in f["groups"][1] for j in w}) for f in feats])
+    return out
 
 
 def pin_malloc():
@@ -498,8 +645,8 @@ def run_one(cfg):
     torch.manual_seed(0)
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    device = _device()
-    fn = {"train": bench_train, "capture": bench_capture, "teacher": bench_teacher}[cfg["kind"]]
+    device = train._device()
+    fn = {"train": bench_train, "capture": bench_capture, "teacher": bench_teacher, "flops": bench_flops}[cfg["kind"]]
     out = fn(cfg, device)
     out.update(cfg, device=str(device), threads=torch.get_num_threads(), malloc="pinned" if pinned else "default")
     return out
@@ -510,14 +657,14 @@ def run_one(cfg):
 
 
 def configs(args):
-    common = {"model": args.model, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-              "pin_malloc": not args.malloc_default}
+    process = {"threads": args.threads, "pin_malloc": not args.malloc_default}
+    common = dict(process, model=args.model, warmup=args.warmup, steps=args.steps)
     out = [dict(common, kind="train", route=r, round=i, batch_size=args.batch_size, seq_len=args.seq_len)
            for i in range(args.rounds) for r in [*TRAIN_ROUTES, "alternate"]]
     out += [dict(common, kind="capture", route=r, seq_len=n) for n in args.lengths for r in CAPTURE_ROUTES]
-    out.append({"kind": "teacher", "teacher": args.teacher, "threads": args.threads, "pin_malloc": common["pin_malloc"],
-                "cache_examples": args.cache_examples, "teacher_batch_size": args.teacher_batch_size,
-                "max_length": args.seq_len})
+    out.append(dict(process, kind="teacher", teacher=args.teacher, cache_examples=args.cache_examples,
+                    teacher_batch_size=args.teacher_batch_size, max_length=args.seq_len))
+    out += [dict(process, kind="flops", model=m, batch_size=b, seq_len=n) for m, b, n in args.flop_models]
     return [c for c in out if c["kind"] in args.sections]
 
 
@@ -556,8 +703,8 @@ def _ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
-def _x(r):
-    return "-" if r is None else f"{r:.2f}x"
+def _x(r, digits=2):
+    return "-" if r is None else f"{r:.{digits}f}x"
 
 
 def _pool(runs):
@@ -588,10 +735,7 @@ def summarize(results):
     for route, r in train_rows.items():  # the ratio within each round: how much it moves from process to process
         pairs = zip(runs[route], runs["dss"], strict=True)
         r["round_sec_ratios"] = [_ratio(a.get("sec"), b.get("sec")) for a, b in pairs]
-        r["sec_ratio"] = _ratio(r.get("sec"), dss.get("sec"))
-        r["work_ratio"] = _ratio(r.get("work"), dss.get("work"))
-        r["peak_ratio"] = _ratio(r.get("peak"), dss.get("peak"))
-        r["saved_ratio"] = _ratio(r.get("saved"), dss.get("saved"))
+        r.update({f"{k}_ratio": _ratio(r.get(k), dss.get(k)) for k in ("sec", "work", "peak", "saved")})
         if alternate:  # per cycle: this route's step over the dss step of the same cycle
             r["alt_times"] = [t for a in alternate for t in a["times"][route]]
             r["alt_ratios"] = [t / d for a in alternate for t, d in zip(a["times"][route], a["times"]["dss"],
@@ -605,27 +749,36 @@ def summarize(results):
         base = row["saved_sdpa"]
         for k in ("capture", "eager"):  # memory the route keeps beyond what plain SDPA keeps
             row[f"extra_{k}"] = None if row[f"saved_{k}"] is None or base is None else row[f"saved_{k}"] - base
-        row["extra_ratio"] = _ratio(row["extra_eager"], row["extra_capture"])
-        row["saved_ratio"] = _ratio(row["saved_eager"], row["saved_capture"])
-        row["sec_ratio"] = _ratio(row["sec_eager"], row["sec_capture"])
+        row.update({f"{m}_ratio": _ratio(row[f"{m}_eager"], row[f"{m}_capture"]) for m in ("extra", "saved", "sec")})
         capture.append(row)
     teacher = next((r for r in results if r["kind"] == "teacher"), {})
     mol_row = train_rows.get("molsaki", {})
     largest = next((row for row in reversed(capture) if row["extra_ratio"] is not None), {})
-    targets = {
-        "time": {"value": mol_row.get("alt_ratio", mol_row.get("sec_ratio")), "target": f"<= {TARGETS['time']}",
-                 "measured": ("alternating" if "alt_ratio" in mol_row else "own processes") if mol_row else None},
-        "memory": {"value": mol_row.get("work_ratio"), "target": f"<= {TARGETS['memory']}"},
-        "capture_memory": {"value": largest.get("extra_ratio"), "seq_len": largest.get("seq_len"),
-                           "target": f">= {TARGETS['capture_memory']}"},
-        "teacher_passes": {"value": teacher.get("passes_per_example"), "target": f"== {TARGETS['teacher_passes']}"},
-    }
-    for k, t in targets.items():
-        v = t["value"]
-        t["met"] = None if v is None else (v <= TARGETS[k] if k in ("time", "memory") else
-                                           v >= TARGETS[k] if k == "capture_memory" else v == TARGETS[k])
+    values = {"time": mol_row.get("alt_ratio", mol_row.get("sec_ratio")), "memory": mol_row.get("work_ratio"),
+              "capture_memory": largest.get("extra_ratio"), "teacher_passes": teacher.get("passes_per_example")}
+    targets = {k: {"value": v, "target": f"{TARGETS[k][0]} {TARGETS[k][1]}",
+                   "met": None if v is None else COMPARE[TARGETS[k][0]](v, TARGETS[k][1])} for k, v in values.items()}
+    targets["time"]["measured"] = ("alternating" if "alt_ratio" in mol_row else "own processes") if mol_row else None
+    targets["capture_memory"]["seq_len"] = largest.get("seq_len")
     return {"train": list(train_rows.values()), "alternate_errors": alternate_errors, "capture": capture,
-            "teacher": teacher, "targets": targets}
+            "teacher": teacher, "targets": targets, "flops": _flop_rows(results)}
+
+
+def _flop_rows(results):
+    """One row per student and method of the flops section: FLOPs and ratios to dss (ours and the paper's)."""
+    rows = []
+    for r in (r for r in results if r["kind"] == "flops"):
+        if "error" in r:
+            rows.append(r)
+            continue
+        paper = TABLE5.get(r["model"].removeprefix("random:"), {})
+        shape = {k: r.get(k) for k in ("model", "batch_size", "seq_len", "params", "layers", "pre_tokens",
+                                        "critical_tokens")}
+        rows += [dict(r[m], **shape, method=m,
+                      forward_ratio=_ratio(r[m]["forward"], r["dss"]["forward"]), ratio=_ratio(r[m]["total"],
+                      r["dss"]["total"]), paper_ratio=_ratio(paper.get(m), paper.get("dss")))
+                 for m in FLOP_ROUTES]
+    return rows
 
 
 def _train_table(rows, args, alternate_errors):
@@ -693,6 +846,28 @@ def _teacher_table(t, args):
         f"{per * t['passes_per_example_no_cache']:.2f} |", ""]
 
 
+def _flops_table(rows):
+    names = {"molsaki": "molsaki, fast capture", "naive": "molsaki, eager output_attentions"}
+    out = ["## FLOPs of one training step (forward and backward): FlopCounterMode, and by hand what it cannot see", "",
+           "| student (random weights) | B x N | method | forward (GFLOP) | vs dss | forward + backward (GFLOP) | "
+           "vs dss | of which by hand (GFLOP) | paper, Table 5: vs dss |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | failed: {r['error'][:200]} |||||||")
+            continue
+        out.append(f"| {r['model'].removeprefix('random:')} | {r['batch_size']} x {r['seq_len']} | "
+                   f"{names.get(r['method'], r['method'])} | {r['forward'] / 1e9:,.4g} | {_x(r['forward_ratio'], 4)} | "
+                   f"{r['total'] / 1e9:,.4g} | {_x(r['ratio'], 4)} | {r['by_hand'] / 1e9:,.4g} | "
+                   f"{_x(r['paper_ratio'], 7)} |")
+    shapes = [f"{r['model'].removeprefix('random:')}: {r['params'] / 1e6:,.1f}M parameters, {r['layers']} layers, "
+              f"answer task {min(r['pre_tokens'])}-{max(r['pre_tokens'])} tokens, critical tokens K "
+              f"{min(r['critical_tokens'])}-{max(r['critical_tokens'])} per example" for r in rows
+              if r.get("method") == "molsaki"]
+    uncounted = sorted({op for r in rows for op in r.get("uncounted", [])})
+    return out + ["", f"- Batches: {'; '.join(shapes)}.", *FLOP_NOTES,
+                  f"- Matrix-product or attention ops that nothing counted: {', '.join(uncounted) or 'none'}.", ""]
+
+
 def tables(summary, args):
     """The markdown report of `summary`: one table per section that ran, then the targets."""
     m = summary.get("machine", {})
@@ -704,6 +879,8 @@ def tables(summary, args):
         out += _capture_table(summary["capture"], args)
     if summary["teacher"]:
         out += _teacher_table(summary["teacher"], args)
+    if summary["flops"]:
+        out += _flops_table(summary["flops"])
     labels = {"time": "molsaki / dss step time", "memory": "molsaki / dss work memory",
               "capture_memory": "eager / capture extra memory", "teacher_passes": "teacher passes per example"}
     out += ["## Targets", "", "| target | value | met |", "|---|---|---|"]
@@ -726,8 +903,8 @@ def main(argv=None):
         t1 = time.time()
         results.append(_child(cfg))
         where = f"round {cfg['round'] + 1}/{args.rounds}" if "round" in cfg else cfg.get("seq_len", "")
-        print(f"[bench] {cfg['kind']} {cfg.get('route', '')} {where}: {time.time() - t1:.1f} s", file=sys.stderr,
-              flush=True)
+        print(f"[bench] {cfg['kind']} {cfg.get('route', cfg.get('model', ''))} {where}: {time.time() - t1:.1f} s",
+              file=sys.stderr, flush=True)
     summary = summarize(results)
     machine = {"loadavg_before": [round(x, 2) for x in load], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                "torch": torch.__version__, "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}

@@ -1,6 +1,8 @@
 """Tests for bench.py: `--quick` end to end, the naive route computes the same loss and gradients as the
 fast one (so the benchmark compares like with like), the teacher is run once per example (counted by what
-its attention layers see), the memory meter against a hand count, and the synthetic batch's shape."""
+its attention layers see), the memory meter against a hand count, the synthetic batch's shape, and the FLOP
+counts: the by-hand formulas against FlopCounterMode where it sees the op, and a step's count with its matrix
+products faked equal to the count of running them."""
 
 import json
 import math
@@ -10,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import attention
 import bench
@@ -23,7 +28,7 @@ def test_quick_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for title in ("## Training step", "## The capture alone", "## Teacher side", "## Targets"):
+    for title in ("## Training step", "## The capture alone", "## Teacher side", "## FLOPs", "## Targets"):
         assert title in proc.stdout
     assert (tmp_path / "bench.md").read_text() in proc.stdout
     out = json.loads((tmp_path / "bench.json").read_text())
@@ -43,6 +48,12 @@ def test_quick_end_to_end(tmp_path):
     assert out["teacher"]["passes_per_example_no_cache"] == 80.0
     assert out["targets"]["teacher_passes"]["met"] is True
     assert set(out["targets"]) == {"time", "memory", "capture_memory", "teacher_passes"}
+    rows = {(r["model"], r["method"]): r for r in out["flops"]}
+    assert set(rows) == {(m, r) for m in ("tiny-llama", "tiny-gpt2") for r in bench.FLOP_ROUTES}
+    for (model, _), r in rows.items():
+        assert r["total"] > r["forward"] > 0 and r["uncounted"] == [] and r["seq_len"] == 256
+        assert r["ratio"] == r["total"] / rows[(model, "dss")]["total"]
+    assert "| tiny-llama | 2 x 256 | molsaki, fast capture |" in proc.stdout
 
 
 def test_rounds_pool_all_timed_steps():
@@ -234,3 +245,89 @@ def test_pin_malloc_keeps_freed_memory():
             pytest.skip("pin_malloc needs glibc")
         kept[pin] = float(gb)
     assert kept["0"] < 0.1 and kept["1"] > 2.4, kept
+
+
+def test_attention_flops_against_the_counter():
+    """attention_flops (by hand, for the CPU kernels the counter does not know) against FlopCounterMode where it sees
+    the op: torch's efficient-attention kernel, forward and backward (on meta tensors: counted from shapes), and
+    attention as plain matmuls with grouped-query heads, whose autograd backward does not recompute Q K^T."""
+    B, H, H_kv, N, D, Dv = 2, 4, 2, 24, 8, 6
+    q, k, v = (torch.randn(B, H, N, d, device="meta") for d in (D, D, Dv))
+    with FlopCounterMode(display=False) as counter:
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True)
+    assert counter.get_total_flops() == bench.attention_flops(q.shape, k.shape, v.shape) == 2 * B * H * N * N * (D + Dv)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            out, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], True)
+    assert counter.get_total_flops() == bench.attention_flops(q.shape, k.shape, v.shape, backward=True)
+
+    q = torch.randn(B, H, N, D, requires_grad=True)
+    k, v = torch.randn(B, H_kv, N, D, requires_grad=True), torch.randn(B, H_kv, N, Dv, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        kr, vr = (t.repeat_interleave(H // H_kv, 1) for t in (k, v))
+        o = (q @ kr.transpose(-1, -2) * D ** -0.5).softmax(-1) @ vr
+        forward = counter.get_total_flops()
+        o.sum().backward()
+    assert forward == bench.attention_flops(q.shape, k.shape, v.shape)
+    recompute = 2 * B * H * N * N * D
+    assert counter.get_total_flops() - forward == bench.attention_flops(q.shape, k.shape, v.shape, True) - recompute
+
+
+@pytest.mark.parametrize("fake", [True, False])
+def test_count_flops_adds_cpu_sdpa_by_hand(fake):
+    """CPU SDPA, which FlopCounterMode counts 0, gets attention_flops; its math backend (matmuls the counter sees)
+    counts the same forward, and a backward without the recomputed Q K^T. With fake=True the same counts."""
+    B, H, N, D = 2, 3, 40, 8
+    q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
+    fwd, bwd = (bench.attention_flops(q.shape, k.shape, v.shape, b) for b in (False, True))
+    seen = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend), bench.count_flops(fake) as flops:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            forward = flops()
+            o.sum().backward()
+        seen[backend] = (forward, flops())
+    (flash_fwd, flash), (math_fwd, math) = seen[SDPBackend.FLASH_ATTENTION], seen[SDPBackend.MATH]
+    assert flash_fwd["total"] == flash_fwd["by_hand"] == math_fwd["total"] == fwd and math_fwd["by_hand"] == 0
+    assert flash["total"] == flash["by_hand"] == fwd + bwd and flash["uncounted"] == []
+    assert math["total"] == fwd + bwd - 2 * B * H * N * N * D and math["by_hand"] == 0
+
+
+def test_critical_probs_flops_are_counted():
+    """_CriticalProbs' hand-written backward is dispatched matmuls, which FlopCounterMode sees: over its row blocks
+    (r0, r1, kc), 2 B H (r1 - r0) kc D forward and 3 times that backward (the logits again, dQ, dK)."""
+    B, H, H_kv, N, D = 2, 4, 2, 300, 8
+    groups = [([list(range(5, 140)), list(range(140, 290))], [[3, 4], [50], [200, 201]]),
+              ([list(range(0, 260))], [[10], [100, 101]])]
+    rows, cols, valid, member, hit, blocks = attention._index(groups, N, torch.device("cpu"))
+    bias = attention._critical_bias(None, cols, valid, N)
+    q, k = torch.randn(B, H, N, D, requires_grad=True), torch.randn(B, H_kv, N, D, requires_grad=True)
+    pi = torch.rand(B, H, N, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        P = attention._CriticalProbs.apply(q, k, pi, cols, bias, D ** -0.5, blocks)
+        forward = counter.get_total_flops()
+        P.backward(torch.randn_like(P))
+    expected = sum(2 * B * H * (r1 - r0) * kc * D for r0, r1, kc in blocks)
+    assert len(blocks) == 3 and forward == expected and counter.get_total_flops() == 4 * expected
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_step_flops(model):
+    """A step's FLOPs with the matrix products faked (zeros of their shape) equal those of running them, and nothing
+    that multiplies matrices goes uncounted. mmi = dss (its loss has no matrix product); vanilla < dss < molsaki.
+    Llama (no dropout): every SDPA call is counted by hand, vanilla's exactly attention_flops per layer of its batch;
+    GPT-2 (attention dropout): SDPA runs its math path, seen by the counter, except the capture's call for pi."""
+    cfg = {"model": model, "batch_size": 2, "seq_len": 64}
+    fake, real = (bench.bench_flops(dict(cfg, fake=f), torch.device("cpu")) for f in (True, False))
+    assert fake == real
+    assert all(fake[m]["uncounted"] == [] for m in bench.FLOP_ROUTES)
+    assert fake["mmi"] == fake["dss"] and fake["vanilla"]["total"] < fake["dss"]["total"] < fake["molsaki"]["total"]
+    assert fake["naive"]["by_hand"] == 0 and fake["molsaki"]["by_hand"] > fake["dss"]["by_hand"]
+    config = bench.tiny_config(model)
+    if model == "tiny-llama":
+        H, D = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+        shape = (cfg["batch_size"], H, max(fake["pre_tokens"]), D)
+        per_layer = sum(bench.attention_flops(shape, shape, shape, b) for b in (False, True))
+        assert fake["vanilla"]["by_hand"] == config.num_hidden_layers * per_layer
+    else:
+        assert fake["dss"]["by_hand"] == 0
