@@ -325,20 +325,28 @@ def _peak(device):
 
 @contextmanager
 def saved_bytes(model):
-    """Counts the distinct storages autograd saves for backward inside the block, parameters excluded."""
+    """The most bytes autograd keeps for backward at once inside the block: per pass (the tensors saved until the
+    next backward starts using them), the distinct storages saved, parameters excluded; the largest pass."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
+    passes, state = [{}], {"unpacked": False}
 
     def pack(x):
+        if state["unpacked"]:  # a backward ran since the last save: a new pass
+            passes.append({})
+            state["unpacked"] = False
         s = x.untyped_storage()
         if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
+            passes[-1][s.data_ptr()] = s.nbytes()
+        return x
+
+    def unpack(x):
+        state["unpacked"] = True
         return x
 
     box = {}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield box
-    box["bytes"] = sum(seen.values())
+    box["bytes"] = max(sum(p.values()) for p in passes)
 
 
 def _measure(step, model, device, warmup, steps):
@@ -353,7 +361,7 @@ def _measure(step, model, device, warmup, steps):
     times = [_timed(step, device)[0] for _ in range(steps)]
     peak = _peak(device)
     with saved_bytes(model) as saved:
-        step(saved=True)
+        step()
     return {"sec": statistics.median(times), "times": times, "base": base, "peak": peak,
             "work": None if peak is None else peak - base, "saved": saved["bytes"],
             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
@@ -373,14 +381,11 @@ def _timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def _stepper(loss, params, opt=None, max_norm=None):
-    """step(saved=False): loss(), then its backward, clipping and the optimizer step where given (else the gradients
-    are dropped); saved=True (the saved-bytes pass): the forward only, its graph then freed."""
-    def step(saved=False):
-        value = loss()
-        if saved:
-            return
-        value.backward()
+def _stepper(run, params, opt=None, max_norm=None):
+    """step(): run() (the forward and backward passes of one step), clipping and the optimizer step where given;
+    the gradients are then dropped."""
+    def step():
+        run()
         if max_norm:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
         if opt:
@@ -394,7 +399,8 @@ def _stepper(loss, params, opt=None, max_norm=None):
 def _route_step(route, cfg, student, tok, router, opt, device):
     """One optimizer step of `route` (a method of train.py, or naive: molsaki through eager attention) on `student`,
     whose attention must be the route's (or molsaki, which is plain SDPA outside a capture, for the others):
-    (step as _stepper gives it, batch, features, router, loss), loss() being the step's forward alone."""
+    (step as _stepper gives it, batch, features, router, run), run() being the step's passes and their backward alone
+    (train.step_losses runs a backward per task; the naive route, one backward of its total)."""
     N = cfg["seq_len"]
     method = "molsaki" if route == "naive" else route
     args = train.parse_args(["--method", method, "--max-length", str(N), "--student", cfg["model"]])
@@ -405,12 +411,13 @@ def _route_step(route, cfg, student, tok, router, opt, device):
     router = router if _uses_router(route, student) else None
     params = [p for g in opt.param_groups for p in g["params"]] if opt else []
 
-    def loss():
+    def run():
         if route == "naive":
-            return naive_step_losses(args, student, router, batch, feats, device)
-        return train.step_losses(args, student, router, batch, feats, device)["loss"]
+            naive_step_losses(args, student, router, batch, feats, device).backward()
+        else:
+            train.step_losses(args, student, router, batch, feats, device)
 
-    return _stepper(loss, params, opt, args.max_grad_norm), batch, feats, router, loss
+    return _stepper(run, params, opt, args.max_grad_norm), batch, feats, router, run
 
 
 def _uses_router(route, student):
@@ -475,7 +482,7 @@ def bench_capture(cfg, device):
     w = torch.randn(model.config.num_hidden_layers, S, W, generator=torch.Generator().manual_seed(0)).to(device)
 
     @torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # as in training
-    def loss():
+    def loss():  # forward only
         if route == "sdpa":
             return model(ids, attention_mask=mask, logits_to_keep=1).logits.float().sum()
         if route == "capture":
@@ -485,7 +492,8 @@ def bench_capture(cfg, device):
         out = model(ids, attention_mask=mask, logits_to_keep=1, output_attentions=True)
         return (attention.stepwise_from_attentions_batched(out.attentions, groups)[0] * w).sum()
 
-    out = _measure(_stepper(loss, list(model.parameters())), model, device, cfg["warmup"], cfg["steps"])
+    out = _measure(_stepper(lambda: loss().backward(), list(model.parameters())), model, device, cfg["warmup"],
+                   cfg["steps"])
     out.update(tokens=ids.shape[1], steps=S, words=W, critical_tokens=sum(len(t) for t in groups[0][1]))
     return out
 
@@ -546,12 +554,25 @@ class _Shapes(TorchDispatchMode):
     step's control flow on those values (masks, labels and token groups come from the batch), so a step at the GPT-2
     large shape is counted in seconds. Records the ops that multiply matrices or attend but that no formula counts."""
 
-    def __init__(self, counted, fake):
+    def __init__(self, counted, fake, total):
         super().__init__()
         self.counted, self.fake, self.uncounted = counted, fake, set()
+        self.total, self.backward, self.forward = total, False, {"total": 0, "by_hand": 0}  # forward: its share
+
+    def _phase(self):
+        """Add the FLOPs counted since the last switch to `forward` when a forward phase ends. An op's count lands
+        after it returns, so at the first op of the next phase the counter holds the previous phase's."""
+        backward = torch._C._current_graph_task_id() != -1  # inside an autograd backward
+        if backward != self.backward:
+            now = self.total()
+            if backward:
+                for k in self.forward:
+                    self.forward[k] += now[k] - self.mark[k]
+            self.backward, self.mark = backward, now
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs, packet = kwargs or {}, func._overloadpacket
+        self._phase()
         if packet not in self.counted or not self.fake:
             if packet not in self.counted and (packet.__name__ in PRODUCTS or "attention" in packet.__name__):
                 self.uncounted.add(packet.__name__)
@@ -565,14 +586,23 @@ class _Shapes(TorchDispatchMode):
 def count_flops(fake=True):
     """Count the FLOPs of the block: torch's FlopCounterMode (2 per multiply-add of every matrix product and attention
     kernel it has a formula for), plus BY_HAND; with fake=True those ops return zeros of their shape (`_Shapes`).
-    Yields so_far() -> {"total", "by_hand", "uncounted": names of product or attention ops that nothing counted}."""
+    Yields so_far() -> {"total", "by_hand", "uncounted": names of product or attention ops that nothing counted,
+    "forward", "forward_by_hand": the share of the ops run outside autograd's backward}."""
     counter = FlopCounterMode(display=False, custom_mapping=BY_HAND)
-    shapes = _Shapes(counter.flop_registry, fake)
+
+    def totals():
+        per_op = counter.get_flop_counts().get("Global", {})
+        return {"total": sum(per_op.values()), "by_hand": sum(v for k, v in per_op.items() if k in BY_HAND)}
+
+    shapes = _Shapes(counter.flop_registry, fake, totals)
+    shapes.mark = {"total": 0, "by_hand": 0}
 
     def so_far():
-        per_op = counter.get_flop_counts().get("Global", {})
-        return {"total": sum(per_op.values()), "by_hand": sum(v for k, v in per_op.items() if k in BY_HAND),
-                "uncounted": sorted(shapes.uncounted)}
+        now, forward = totals(), dict(shapes.forward)
+        if not shapes.backward:  # the forward phase still open
+            forward = {k: forward[k] + now[k] - shapes.mark[k] for k in forward}
+        return {**now, "uncounted": sorted(shapes.uncounted), "forward": forward["total"],
+                "forward_by_hand": forward["by_hand"]}
 
     with shapes, counter:
         yield so_far
@@ -606,13 +636,11 @@ def bench_flops(cfg, device):
     student, tok, router, _ = _student(cfg, attention.ATTN, device, FLOP_ROUTES)
     out = {"params": sum(p.numel() for p in student.parameters()), "layers": student.config.num_hidden_layers}
     for route in FLOP_ROUTES:
-        _, batch, feats, _, loss = _route_step(route, cfg, student, tok, router, None, device)
+        _, batch, feats, _, run = _route_step(route, cfg, student, tok, router, None, device)
         student.set_attn_implementation("eager" if route == "naive" else attention.ATTN)
         with count_flops(cfg.get("fake", True)) as flops:
-            value = loss()
-            forward = flops()
-            value.backward()
-        out[route] = dict(flops(), forward=forward["total"], forward_by_hand=forward["by_hand"])
+            run()
+        out[route] = flops()
         student.zero_grad(set_to_none=True)
         if router:
             router.zero_grad(set_to_none=True)

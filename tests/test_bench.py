@@ -153,8 +153,10 @@ def test_naive_route_equals_fast_route():
         for p in params:
             p.grad = None
         loss = fn(args, student, router, batch, feats, device)
-        loss = loss["loss"] if isinstance(loss, dict) else loss
-        loss.backward()
+        if isinstance(loss, dict):  # train.step_losses: its backward per task has run
+            loss = loss["loss"]
+        else:
+            loss.backward()
         return loss.detach(), [p.grad.clone() for p in params]
 
     fast, fast_grads = loss_and_grads(train.step_losses)
@@ -193,6 +195,11 @@ def test_saved_bytes_hand_count():
     # Linear keeps its input (the weight is a parameter: not counted), ReLU its output: 2 x 5 x 10 floats
     assert saved["bytes"] == 2 * 5 * 10 * 4
     y.backward()
+    # Two passes, each backward before the next forward (train.step_losses): the larger pass, not the sum
+    with bench.saved_bytes(model) as saved:
+        model(x).sum().backward()
+        model(torch.randn(7, 10)).sum().backward()
+    assert saved["bytes"] == 2 * 7 * 10 * 4
 
 
 def test_long_examples_fill_the_exp_text():
