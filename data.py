@@ -484,11 +484,11 @@ def _download(root: Path, paths: list[str]) -> int:  # one request per source fi
     groups = {}
     for p in paths:
         groups.setdefault(FILES[p][1:4], []).append(p)  # (repo, commit, path)
+    for name in dict.fromkeys(FILES[p].dataset for p in paths):  # each licence notice once
+        if name in _NOTICES:
+            print(f"[data] {_NOTICES[name]}")
     for (repo, commit, path), group in groups.items():
         url = f"{os.environ.get('MOLSAKI_DATA_URL', DATA_URL).rstrip('/')}/{repo}/{commit}/{path}"
-        for name in dict.fromkeys(FILES[p].dataset for p in group):
-            if name in _NOTICES:
-                print(f"[data] {_NOTICES[name]}")
         for p in group:
             print(f"[data] fetching {p} from {url}" + (f" ({FILES[p].member})" if FILES[p].member else ""))
         try:

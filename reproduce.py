@@ -41,8 +41,8 @@ Running a grid (`run_grid`):
 
 The report (`report`: DIR/results.md, results.json, results.png; built from the run directories alone). Per
 setting, method and test set (and mode): the mean and standard deviation of the accuracy over seeds, the paper's
-number beside it (`PAPER`, answer mode only), and the difference to dss on the same items. Pairing: seed s of a
-method with dss seed s when that run exists, else with the lowest dss seed. Items are matched by `id` in
+number beside it (`PAPER`, in the answer-mode columns), and the difference to dss on the same items. Pairing: seed
+s of a method with dss seed s when that run exists, else with the lowest dss seed. Items are matched by `id` in
 eval_<set>_<mode>.jsonl (the ids all paired runs have). The 95% interval of the difference is a paired bootstrap
 over test items with the seeds kept apart (`paired_bootstrap`); the table shows its p-value and, beside it, the
 exact McNemar p-value of each seed pair (`mcnemar_exact`). Each run's accuracy comes with its 95% Wilson interval
@@ -146,8 +146,8 @@ PRESETS = {
                                **{"molsaki-sl-last": ["--method", "molsaki", "--layer-map", "last"]})}},
 }
 
-# The paper's accuracies (%), each the mean of three seeds, answer mode; its SingleEq and ASDiv are subsets of
-# 108 and 406 items (ours: the full sets).
+# The paper's accuracies (%), each the mean of three seeds, shown beside our answer-mode columns; its SingleEq
+# and ASDiv are subsets of 108 and 406 items (ours: the full sets).
 PAPER = {
     "table1-gpt2-large": {
         "title": "Table 1: teacher Llama3-8B, student GPT2-Large",
@@ -555,9 +555,11 @@ def _header(col):
 
 def _markdown(results):
     lines = [f"# Results: `{results['dir']}`", "",
-             "Accuracy in % of the test items. `answer`: the answer task, greedy, as the paper scores; `(cot)`: the "
-             "rationale task, its answer read after the last \"answer is\". Paper numbers: mean of three seeds, "
-             "answer mode; its SingleEq and ASDiv are 108- and 406-item subsets (here: the full sets).", ""]
+             "Accuracy in % of the test items. `answer`: the answer task, greedy, 16 tokens (Distilling "
+             "Step-by-Step's protocol; the paper does not say how it reads answers); `(cot)`: the rationale task, "
+             "its answer read after the last \"answer is\", else its last number. Paper numbers: mean of three "
+             "seeds; its SingleEq and ASDiv are 108- and 406-item subsets (here: the full sets). A run still in "
+             "progress shows the sets it has finished.", ""]
     for name, s in results["settings"].items():
         cols, runs = s["columns"], s["runs"]
         lines += [f"## {name}", ""]

@@ -77,8 +77,9 @@ def test_every_flag_named_exists():
 def test_readme_runs_write_to_different_directories():
     """Two README commands never share a default run directory (an ablation would overwrite the main run, or hit
     the cache of another run); the eval and plots examples read directories the train commands write."""
-    outs = [train.parse_args(argv[argv.index("train.py") + 1:]).out
-            for argv in readme_commands() if "train.py" in argv and not argv[0].endswith("torchrun")]
+    commands = dict.fromkeys(tuple(argv[argv.index("train.py") + 1:]) for argv in readme_commands()
+                             if "train.py" in argv and not argv[0].endswith("torchrun"))  # one command, one run
+    outs = [train.parse_args(list(argv)).out for argv in commands]
     outs.append(train.parse_args([]).out)  # make demo
     assert len(outs) == len(set(outs)), outs
     evals = [argv for argv in readme_commands() if "eval.py" in argv or "plots.py" in argv]
