@@ -14,7 +14,8 @@ torch's DistributedDataParallel, the router's gradients averaged in one flattene
 
 Every (re)start writes `run.json` (command, flags, versions, commit, data checksums, device) into --out.
 
-Public functions: `parse_args`, `features`, `collate`, `step_losses`, `write_run_info`, `train`, `main`.
+Public functions: `parse_args`, `check_inputs`, `training_examples`, `teacher_cache`, `features`, `collate`,
+`step_losses`, `write_run_info`, `train`, `main`.
 """
 
 import argparse
