@@ -174,12 +174,13 @@ def check_inputs(args) -> None:
             teacher = models.load_config(args.teacher)
             if args.layer_map:
                 mol.parse_layer_map(args.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
-        if args.rationales == "palm" and args.method != "vanilla":
-            data.load_palm_rationales(args.data, "train", args.data_dir, args.palm_filter)
-        elif args.data in ("svamp", "gsm8k", "csqa"):
-            data.load_dataset(args.data, "train", args.data_dir)
-        for name in filter(None, args.eval_sets.split(",")):
-            eval_.load_set(name, args.data_dir)
+        names = dict.fromkeys([args.data, *filter(None, args.eval_sets.split(","))])
+        if any(name in data.SPLITS for name in names):
+            root = data.resolve_data_dir(args.data_dir)
+            for name in (n for n in names if n in data.SPLITS):
+                data.ensure_files(root, data.files_of(name))  # checked by their SHA-256 as they are fetched
+        for name in (n for n in names if n not in data.SPLITS and n != "builtin"):
+            data.load_file(name)  # a file of problems: every record read now
     except (ValueError, FileNotFoundError, data.DataUnavailable) as e:
         cli.fail(e)
 
