@@ -164,6 +164,11 @@ def _flag_problem(args) -> str | None:
     return None
 
 
+def _set_names(args) -> list[str]:
+    """The training set and the test sets of a run, each once: names of data.SPLITS, `builtin`, or files."""
+    return list(dict.fromkeys([args.data, *filter(None, args.eval_sets.split(","))]))
+
+
 def check_inputs(args) -> None:
     """What the flags alone cannot show, checked before the teacher pass: the models' configs (a name that is
     neither a folder, a packaged model nor a reachable hub id), --layer-map's range, and the data (fetched now,
@@ -174,7 +179,7 @@ def check_inputs(args) -> None:
             teacher = models.load_config(args.teacher)
             if args.layer_map:
                 mol.parse_layer_map(args.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
-        names = dict.fromkeys([args.data, *filter(None, args.eval_sets.split(","))])
+        names = _set_names(args)
         if any(name in data.SPLITS for name in names):
             root = data.resolve_data_dir(args.data_dir)
             for name in (n for n in names if n in data.SPLITS):
@@ -369,8 +374,7 @@ def step_losses(args, model, router, batch, feats, device, scale=1.0, sync=True)
             extra = out["att"]
         (scale * losses.total_loss(zero, l_exp, extra, args.alpha, args.beta)).backward()  # the rest of Eq. 7
     out.update(exp=l_exp.detach(), att=out["att"].detach(), mmi=out["mmi"].detach())
-    out["loss"] = losses.total_loss(out["pre"], out["exp"], out["att"] if groups else out["mmi"], args.alpha,
-                                    args.beta)
+    out["loss"] = losses.total_loss(out["pre"], out["exp"], extra.detach(), args.alpha, args.beta)
     return out
 
 
@@ -453,9 +457,9 @@ def _checkpoint_dir(args):
 def _data_files(args) -> dict[str, str]:
     """SHA-256 of the data files of this run's training and test sets (`data.files_of`, as found in the data
     directory, where check_inputs fetched them) and of any file of problems it names."""
-    names = [args.data, *filter(None, args.eval_sets.split(","))]
+    names = _set_names(args)
     root = data.resolve_data_dir(args.data_dir) if any(n in data.SPLITS for n in names) else None
-    paths = {p: root / p for n in dict.fromkeys(names) if n in data.SPLITS for p in data.files_of(n)}
+    paths = {p: root / p for n in names if n in data.SPLITS for p in data.files_of(n)}
     paths.update({n: Path(n) for n in names if n not in data.SPLITS and n != "builtin"})
     return {k: data.sha256(p) for k, p in sorted(paths.items()) if p.is_file()}
 
