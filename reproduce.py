@@ -139,7 +139,8 @@ PRESETS = {
     "small": {
         "settings": {"smollm2-135m-gemma3-270m-svamp-palm": _setting(
             "gemma3-270m", "smollm2-135m", "svamp", "palm",
-            ["--lr", "1e-4", "--batch-size", "8", "--max-steps", str(SMALL_STEPS), "--warmup", "0"],
+            ["--lr", "1e-4", "--batch-size", "8", "--max-steps", str(SMALL_STEPS), "--warmup", "0",
+             "--save-every", "10"],  # a kill loses at most 10 steps (~5 min here)
             MATH_SETS, "table3-hybrid", cot_sets=["svamp", "singleeq"])},
         "methods": {**_methods([0, 1, 2], dss=_BASE["dss"], molsaki=_BASE["molsaki"]),
                     **_methods([0], vanilla=_BASE["vanilla"], mmi=_BASE["mmi"],
@@ -243,7 +244,8 @@ def _needs(argv):
 
 def grid(spec, out, seeds=None):
     """The jobs of a grid, in the order they run: per setting its two baselines, then its runs in the spec's order
-    (methods, then seeds; `seeds` replaces every method's), each group's teacher-stage donor first. A job is a dict:
+    (the methods with the most seeds first, seed by seed, then in the spec's order; `seeds` replaces every
+    method's), each group's teacher-stage donor first. A job is a dict:
     name (its path under `out`), dir, setting, method, seed (None for a baseline), main (train.py, or eval.py for
     a baseline), cot (eval.py --mode cot, or None), needs (teacher-stage files), donor (the name of the run that
     computes them first, or None)."""
@@ -275,6 +277,10 @@ def grid(spec, out, seeds=None):
         for run in runs:
             donor = donors.get(run.pop("key"))
             run["donor"] = donor["name"] if run["needs"] and donor is not run else None
+        # seed by seed, so that a grid stopped early holds whole seeds; the methods with the most seeds first
+        order = {label: i for i, label in enumerate(spec["methods"])}
+        runs.sort(key=lambda r: (-len(spec["methods"][r["method"]]["seeds"]) if seeds is None else 0, r["seed"],
+                                 order[r["method"]]))
         jobs += sorted(runs, key=lambda r: not (r["needs"] and r["donor"] is None))
     return jobs
 
@@ -296,7 +302,8 @@ def _check_made_by(jobs):
 
     def key(argv):
         f = _flags([a for a in argv if a != "--resume"])
-        f.pop("--out", None)
+        for name in ("--out", "--save-every"):  # where the run writes and how often it saves do not change it
+            f.pop(name, None)
         return f
 
     wrong = [str(job["dir"]) for job in jobs if job["seed"] is not None and (job["dir"] / "run.json").exists()

@@ -150,6 +150,16 @@ def test_seeds_override_and_job_states(tmp_path, capsys):
         reproduce.dry_run(reproduce.PRESETS["small"], tmp_path)
     (d / "run.json").write_text(json.dumps({"argv": argv + ["--resume"]}))
     assert reproduce.dry_run(reproduce.PRESETS["small"], tmp_path).count("finished") == 1
+    at = argv.index("--save-every") + 1  # how often a run saves does not change it
+    (d / "run.json").write_text(json.dumps({"argv": [*argv[:at], "3", *argv[at + 1:]]}))
+    assert reproduce.dry_run(reproduce.PRESETS["small"], tmp_path).count("finished") == 1
+
+
+def test_grid_runs_seed_by_seed(tmp_path):
+    """Stopped early, the small grid holds whole seeds of dss and molsaki, their donor first, then the rest."""
+    names = [j["name"].split("/")[1] for j in reproduce.grid(reproduce.PRESETS["small"], tmp_path)]
+    assert names == ["untrained-student", "teacher", "molsaki-s0", "dss-s0", "dss-s1", "molsaki-s1", "dss-s2",
+                     "molsaki-s2", "vanilla-s0", "mmi-s0", "molsaki-sl-last-s0"]
 
 
 # ---------------------------------------------------------------------------------------------
