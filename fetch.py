@@ -25,8 +25,8 @@ Public functions:
     fetch(names, root) -> int         every file of the data sets `names`, also fetching again one whose SHA-256
                                       differs; returns how many were downloaded
     sha256(path) -> str               the hex SHA-256 of a file
-    parse_args(argv), main(argv)      the command line; a file that cannot be fetched or a missing --data-dir is
-                                      one line, `error: ...`, and exit status 2
+    parse_args(argv), main(argv)      the command line; a wrong flag or name, a file that cannot be fetched or a
+                                      missing --data-dir is one line, `error: ...`, and exit status 2
 """
 
 import argparse
@@ -300,9 +300,8 @@ def _reason(e: Exception) -> str:  # "HTTP 404 Not Found", "[Errno 111] Connecti
     return str(getattr(e, "reason", None) or e) or type(e).__name__
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Download the data the loaders read (SPEC §11): the files of the "
+    parser = cli.Parser(description="Download the data the loaders read (SPEC §11): the files of the "
                                                  "named data sets (default: all), each checked by its SHA-256.")
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"a data set: {', '.join(DATASETS)}")
     parser.add_argument("--data-dir", default=None, help=f"default: $MOLSAKI_DATA, else {CACHE}")

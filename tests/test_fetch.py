@@ -219,7 +219,8 @@ def test_loader_without_network_raises_one_line(root, monkeypatch):
 def test_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         fetch.main(["svamp", "mnist"])
-    assert exit_.value.code == 2 and "unknown data set 'mnist'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: unknown data set 'mnist'") and err.count("\n") == 1
     with pytest.raises(SystemExit) as exit_:
         fetch.main(["singleeq", "--data-dir", str(tmp_path / "nope")])
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: data directory")
