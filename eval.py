@@ -24,6 +24,7 @@ import torch
 
 import cli
 import data
+import fetch
 import models
 import problems
 from answers import check_mode, is_correct, parse_choice, parse_math
@@ -136,7 +137,7 @@ def main(argv=None) -> dict[str, float]:
         models.load_config(args.checkpoint)
         for name in args.sets:  # fetches a missing data file; a malformed file stops here, before the model
             load_set(name, args.data_dir)
-    except (ValueError, FileNotFoundError, data.DataUnavailable) as e:
+    except (ValueError, FileNotFoundError, fetch.DataUnavailable) as e:
         cli.fail(e)
     return run(args.checkpoint, args.sets, args.data_dir, args.mode, args.batch_size, args.limit, args.out,
                args.dtype)

@@ -40,6 +40,7 @@ import attention
 import cli
 import data
 import eval as eval_
+import fetch
 import losses
 import models
 import mol
@@ -181,12 +182,12 @@ def check_inputs(args) -> None:
                 mol.parse_layer_map(args.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
         names = _set_names(args)
         if any(name in data.SPLITS for name in names):
-            root = data.resolve_data_dir(args.data_dir)
+            root = fetch.resolve_data_dir(args.data_dir)
             for name in (n for n in names if n in data.SPLITS):
-                data.ensure_files(root, data.files_of(name))  # checked by their SHA-256 as they are fetched
+                fetch.ensure_files(root, fetch.files_of(name))  # checked by their SHA-256 as they are fetched
         for name in (n for n in names if n not in data.SPLITS and n != "builtin"):
             data.load_file(name)  # a file of problems: every record read now
-    except (ValueError, FileNotFoundError, data.DataUnavailable) as e:
+    except (ValueError, FileNotFoundError, fetch.DataUnavailable) as e:
         cli.fail(e)
 
 
@@ -455,13 +456,13 @@ def _checkpoint_dir(args):
 
 
 def _data_files(args) -> dict[str, str]:
-    """SHA-256 of the data files of this run's training and test sets (`data.files_of`, as found in the data
+    """SHA-256 of the data files of this run's training and test sets (`fetch.files_of`, as found in the data
     directory, where check_inputs fetched them) and of any file of problems it names."""
     names = _set_names(args)
-    root = data.resolve_data_dir(args.data_dir) if any(n in data.SPLITS for n in names) else None
-    paths = {p: root / p for n in names if n in data.SPLITS for p in data.files_of(n)}
+    root = fetch.resolve_data_dir(args.data_dir) if any(n in data.SPLITS for n in names) else None
+    paths = {p: root / p for n in names if n in data.SPLITS for p in fetch.files_of(n)}
     paths.update({n: Path(n) for n in names if n not in data.SPLITS and n != "builtin"})
-    return {k: data.sha256(p) for k, p in sorted(paths.items()) if p.is_file()}
+    return {k: fetch.sha256(p) for k, p in sorted(paths.items()) if p.is_file()}
 
 
 def write_run_info(args):

@@ -27,6 +27,7 @@ import torch
 import attention
 import cli
 import data
+import fetch
 import losses
 import models
 import mol
@@ -211,7 +212,7 @@ def main(argv=None):
         example = svamp_example(args.example, args.data_dir)
         teacher, t_tok = models.load_model(args.teacher, attn_implementation=attention.ATTN)
         student, s_tok = models.load_model(args.student, attn_implementation=attention.ATTN)
-    except (ValueError, OSError, ImportError, data.DataUnavailable) as e:
+    except (ValueError, OSError, ImportError, fetch.DataUnavailable) as e:
         cli.fail(e)
     print(report(walk(teacher.eval(), t_tok, student.eval(), s_tok, example)))
 

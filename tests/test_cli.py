@@ -136,7 +136,7 @@ def test_processes_print_one_line(tmp_path, tiny_student_dir):
                         MOLSAKI_DATA_URL=f"http://127.0.0.1:{_dead_port()}")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: data file svamp/distilling_step_by_step/") and f"is missing from {empty}" in err
-    assert "python data.py fetch svamp" in err and "--data-dir" in err
+    assert "python fetch.py svamp" in err and "--data-dir" in err
 
 
 def test_train_data_missing_and_not_fetchable(capsys, no_model_loads, tiny_student_dir, tmp_path, monkeypatch):
@@ -146,5 +146,5 @@ def test_train_data_missing_and_not_fetchable(capsys, no_model_loads, tiny_stude
     monkeypatch.setenv("MOLSAKI_DATA_URL", f"http://127.0.0.1:{_dead_port()}")
     one_line_error(capsys, train.main, ["--data", "svamp", "--rationales", "palm", "--method", "dss", "--student",
                                         tiny_student_dir, "--data-dir", str(empty), "--out", str(tmp_path / "run")],
-                   "python data.py fetch svamp --data-dir")
+                   "python fetch.py svamp --data-dir")
     assert not any(p.is_file() for p in empty.rglob("*"))  # nothing half-written

@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data
 from data import (
     EXP_PROMPT,
     PRE_PROMPT,
     format_number,
     load_dataset,
     load_palm_rationales,
-    resolve_data_dir,
     safe_eval,
 )
 
@@ -60,18 +58,6 @@ def test_format_number(x, text):
 def test_format_number_rejects_nan():
     with pytest.raises(ValueError):
         format_number(float("nan"))
-
-
-def test_missing_data_dir_message(tmp_path, monkeypatch):
-    missing = tmp_path / "nope"
-    with pytest.raises(FileNotFoundError, match="--data-dir") as err:
-        resolve_data_dir(missing)
-    assert "MOLSAKI_DATA" in str(err.value) and str(missing) in str(err.value)
-    monkeypatch.delenv("MOLSAKI_DATA", raising=False)
-    monkeypatch.setattr(data, "CACHE", tmp_path / "cache" / "molsaki" / "data")
-    assert resolve_data_dir(None) == tmp_path / "cache" / "molsaki" / "data" and data.CACHE.is_dir()  # created
-    monkeypatch.setenv("MOLSAKI_DATA", str(tmp_path))
-    assert resolve_data_dir(None) == tmp_path
 
 
 def test_unknown_dataset_or_split(tmp_path):

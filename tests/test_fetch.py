@@ -1,7 +1,8 @@
-"""Tests for data.py's fetching (SPEC §11) against a real HTTP server on 127.0.0.1, started here, that serves the
-offline copy at the URLs of `data.FILES` (Distilling Step-by-Step's datasets.zip built here from it): a full
+"""Tests for fetch.py (SPEC §11) against a real HTTP server on 127.0.0.1, started here, that serves the
+offline copy at the URLs of `fetch.FILES` (Distilling Step-by-Step's datasets.zip built here from it): a full
 fetch the loaders then read, a re-fetch that downloads nothing, and each fault (wrong bytes, 404, a connection
-closed mid-file, a dead port) a one-line error that leaves nothing half-written, followed by a fetch that works."""
+closed mid-file, a dead port) a one-line error that leaves nothing half-written, followed by a fetch that works;
+and the data directory: --data-dir, else MOLSAKI_DATA, else the cache."""
 
 import hashlib
 import io
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import data
-from data import FILES, SPLITS, DataUnavailable, ensure_files, fetch, files_of, load_dataset, load_palm_rationales
+import fetch
+from data import SPLITS, load_dataset, load_palm_rationales
+from fetch import DATASETS, FILES, DataUnavailable, ensure_files, files_of, resolve_data_dir
 
 DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
@@ -115,6 +117,7 @@ def test_table_matches_the_offline_copy():
         assert sha256(DATA / path) == s.sha256, path
         assert s.dataset in SPLITS and len(s.commit) == 40 and int(s.commit, 16) >= 0
         assert s.member is None or (s.path == "datasets.zip" and s.member.startswith("datasets/"))
+    assert DATASETS == tuple(SPLITS)  # the loaders' data sets, in their order
     assert sorted(p for name in SPLITS for p in files_of(name)) == sorted(FILES)
     assert "svamp/distilling_step_by_step/llm/train_CoT_1.json" in files_of("svamp")
     assert "commonsenseqa/distilling_step_by_step/cqa_test.json" in files_of("csqa")
@@ -126,7 +129,7 @@ def test_table_matches_the_offline_copy():
 @needs_data
 def test_full_fetch_is_what_the_loaders_read_and_a_refetch_downloads_nothing(server, root, capsys):
     server.files = sources(FILES)
-    data.main(["fetch", "--data-dir", str(root)])
+    fetch.main(["--data-dir", str(root)])
     out = capsys.readouterr().out
     assert f"{len(FILES)} files downloaded" in out and "CC BY-NC 4.0" in out
     assert f"fetching svamp/distilling_step_by_step/svamp_test.json from {server.url}" in out
@@ -143,12 +146,12 @@ def test_full_fetch_is_what_the_loaders_read_and_a_refetch_downloads_nothing(ser
             assert load_dataset(name, split, root)
     assert server.requests == []  # FILES holds every file the loaders read
 
-    data.main(["fetch", "--data-dir", str(root)])
+    fetch.main(["--data-dir", str(root)])
     assert "nothing downloaded" in capsys.readouterr().out
     assert server.requests == []
 
     (root / "singleeq" / "questions.json").write_text("[]")  # a local file with another SHA-256 is fetched again
-    assert fetch(["singleeq", "gsm8k"], root) == 1
+    assert fetch.fetch(["singleeq", "gsm8k"], root) == 1
     assert "another SHA-256" in capsys.readouterr().out
     assert sha256(root / "singleeq" / "questions.json") == FILES["singleeq/questions.json"].sha256
 
@@ -167,19 +170,19 @@ def test_fault_leaves_nothing_half_written_then_a_fetch_completes(fault, name, s
     elif fault == "dead port":
         monkeypatch.setenv("MOLSAKI_DATA_URL", dead_url())
     with pytest.raises(DataUnavailable) as err:
-        fetch([name], root)
+        fetch.fetch([name], root)
     message = str(err.value)
     assert "\n" not in message and bad in message and "--data-dir" in message and "MOLSAKI_DATA" in message
     if fault == "wrong bytes":
         assert FILES[bad].sha256 in message and hashlib.sha256(b"[]\n").hexdigest() in message
     else:
-        assert f"`python data.py fetch {name} --data-dir {root}`" in message
+        assert f"`python fetch.py {name} --data-dir {root}`" in message
         assert {"404": "HTTP 404", "cut": "closed after", "dead port": "refused"}[fault] in message
     assert listing(root) == []  # no file, no temporary file
 
     server.files, server.cut = sources(paths), set()
     monkeypatch.setenv("MOLSAKI_DATA_URL", server.url)
-    assert fetch([name], root) == len(paths)
+    assert fetch.fetch([name], root) == len(paths)
     assert listing(root) == sorted(paths)
     assert all(sha256(root / p) == FILES[p].sha256 for p in paths)
 
@@ -208,15 +211,28 @@ def test_loader_without_network_raises_one_line(root, monkeypatch):
         load_dataset("gsm8k", "test", None)
     message = str(err.value)
     assert isinstance(err.value, RuntimeError) and "\n" not in message
-    assert "gsm8k/test.jsonl" in message and "`python data.py fetch gsm8k`" in message
+    assert "gsm8k/test.jsonl" in message and "`python fetch.py gsm8k`" in message
     assert "--data-dir" in message and "MOLSAKI_DATA" in message and "offline copy" in message
     assert listing(root) == []
 
 
 def test_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        data.main(["fetch", "svamp", "mnist"])
-    assert exit_.value.code == 2 and "unknown data set 'mnist'" in capsys.readouterr().err
+        fetch.main(["svamp", "mnist"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: unknown data set 'mnist'") and err.count("\n") == 1
     with pytest.raises(SystemExit) as exit_:
-        data.main(["fetch", "singleeq", "--data-dir", str(tmp_path / "nope")])
+        fetch.main(["singleeq", "--data-dir", str(tmp_path / "nope")])
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: data directory")
+
+
+def test_missing_data_dir_message(tmp_path, monkeypatch):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="--data-dir") as err:
+        resolve_data_dir(missing)
+    assert "MOLSAKI_DATA" in str(err.value) and str(missing) in str(err.value)
+    monkeypatch.delenv("MOLSAKI_DATA", raising=False)
+    monkeypatch.setattr(fetch, "CACHE", tmp_path / "cache" / "molsaki" / "data")
+    assert resolve_data_dir(None) == tmp_path / "cache" / "molsaki" / "data" and fetch.CACHE.is_dir()  # created
+    monkeypatch.setenv("MOLSAKI_DATA", str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path

@@ -12,6 +12,7 @@ import pytest
 
 import bench
 import eval as eval_
+import fetch
 import plots
 import reproduce
 import train
@@ -22,7 +23,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README = "\n".join(p.read_text() for p in PAGES)  # the manual: the README and its pages
 USAGE = (ROOT / "docs" / "usage.md").read_text()
 PARSERS = {"train.py": train.parse_args, "eval.py": eval_.parse_args, "plots.py": plots.parse_args,
-           "bench.py": bench.parse_args, "reproduce.py": reproduce.parse_args, "walkthrough.py": walkthrough.parse_args}
+           "bench.py": bench.parse_args, "reproduce.py": reproduce.parse_args, "walkthrough.py": walkthrough.parse_args,
+           "fetch.py": fetch.parse_args}
 
 
 def readme_commands():

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import eval as eval_
+import fetch
 import reproduce
 import train
 
@@ -167,10 +167,10 @@ def test_grid_runs_seed_by_seed(tmp_path):
 
 
 def test_run_json_fields_and_data_files(tmp_path):
-    """data_files: the SHA-256 of every file of the run's training and test sets in the fetch table (data.FILES),
+    """data_files: the SHA-256 of every file of the run's training and test sets in the fetch table (fetch.FILES),
     of a file of problems it names, and nothing for the built-in problems."""
     root = tmp_path / "data"
-    for name in data.FILES:
+    for name in fetch.FILES:
         if name.split("/")[0] in ("svamp", "singleeq"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             (root / name).write_text(name)
@@ -178,7 +178,7 @@ def test_run_json_fields_and_data_files(tmp_path):
     mine.write_text('{"question": "Q?", "answer": "1"}\n')
     args = train.parse_args(["--data", "svamp", "--data-dir", str(root), "--eval-sets", f"svamp,singleeq,{mine}",
                              "--out", str(tmp_path / "run")])
-    expected = {p: hashlib.sha256(p.encode()).hexdigest() for p in data.files_of("svamp") + data.files_of("singleeq")}
+    expected = {p: hashlib.sha256(p.encode()).hexdigest() for p in fetch.files_of("svamp") + fetch.files_of("singleeq")}
     expected[str(mine)] = hashlib.sha256(mine.read_bytes()).hexdigest()
     assert train._data_files(args) == dict(sorted(expected.items()))
     assert len(expected) == 7  # svamp: 2 split files + 3 PaLM files; singleeq: 1; the file
