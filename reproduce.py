@@ -39,15 +39,15 @@ Running a grid (`run_grid`):
 - --jobs N runs N commands at once, each with OMP_NUM_THREADS = max(1, T // N), T being $OMP_NUM_THREADS when set,
   else the CPU count.
 
-The report (`report`: DIR/results.md, results.json, results.png; built from the run directories alone). Per
-setting, method and test set (and mode): the mean and standard deviation of the accuracy over seeds, the paper's
-number beside it (`PAPER`, in the answer-mode columns), and the difference to dss on the same items. Pairing: seed
-s of a method with dss seed s when that run exists, else with the lowest dss seed. Items are matched by `id` in
-eval_<set>_<mode>.jsonl (the ids all paired runs have). The 95% interval of the difference is a paired bootstrap
-over test items with the seeds kept apart (`paired_bootstrap`); the table shows its p-value and, beside it, the
-exact McNemar p-value of each seed pair (`mcnemar_exact`). Each run's accuracy comes with its 95% Wilson interval
-(`wilson`), and each run with its commit, versions and device (run.json), training seconds (sum of `sec` in
-log.jsonl), wall seconds of its commands (reproduce.log.jsonl), the loss terms (pre, exp, att, mmi: mean of the
+The report (`report`: DIR/results.md, results.json, results.png, losses.png; built from the run directories
+alone). Per setting, method and test set (and mode): the mean and standard deviation of the accuracy over seeds,
+the paper's number beside it (`PAPER`, in the answer-mode columns), and the difference to dss on the same items.
+Pairing: seed s of a method with dss seed s when that run exists, else with the lowest dss seed. Items are matched
+by `id` in eval_<set>_<mode>.jsonl (the ids all paired runs have). The 95% interval of the difference is a paired
+bootstrap over test items with the seeds kept apart (`paired_bootstrap`); the table shows its p-value and, beside
+it, the exact McNemar p-value of each seed pair (`mcnemar_exact`). Each run's accuracy comes with its 95% Wilson
+interval (`wilson`), and each run with its commit, versions and device (run.json), training seconds (sum of `sec`
+in log.jsonl), wall seconds of its commands (reproduce.log.jsonl), the loss terms (pre, exp, att, mmi: mean of the
 first and of the last 10% of steps) and, for molsaki runs, the mean p_s and p_t of the last 10% of steps. The
 untrained student and the teacher are rows of the accuracy table.
 
@@ -59,7 +59,7 @@ Public functions:
     commands(job) -> [argv]                  what a job still has to run.
     run_grid(spec, out, jobs, seeds) -> exit status    runs the grid, then writes the report.
     dry_run(spec, out, jobs, seeds) -> text  the commands run_grid would run now.
-    report(out) -> results                   writes results.md, results.json, results.png.
+    report(out) -> results                   writes results.md, results.json, results.png, losses.png.
     parse_args(argv), main(argv)             the command line.
 """
 
@@ -471,13 +471,15 @@ def _accuracy(items):
 
 
 def _training(log):
-    """Loss terms (mean of the first, of the last 10% of steps) and the layer weights of the last 10%."""
+    """Loss terms (each step's; the mean of the first and of the last 10% of steps) and the layer weights of the
+    last 10%."""
     if not log:
         return {}
     m = max(1, len(log) // 10)
     out = {"steps": log[-1]["step"], "train_s": round(sum(r["sec"] for r in log), 1),
            "losses": {k: [float(np.mean([r[k] for r in log[:m]])), float(np.mean([r[k] for r in log[-m:]]))]
-                      for k in ("pre", "exp", "att", "mmi") if k in log[0]}}
+                      for k in ("pre", "exp", "att", "mmi") if k in log[0]},
+           "curves": {k: [r[k] for r in log] for k in ("pre", "exp", "att", "mmi") if k in log[0]}}
     for k in ("p_s", "p_t"):
         if k in log[0]:
             out[k] = np.mean([r[k] for r in log[-m:]], 0).tolist()
@@ -639,7 +641,7 @@ def _markdown(results):
 
 def _figure(results, path):
     """results.png: per setting, the mean accuracy of each method and set as a bar, each run as a dot with its
-    Wilson interval, the paper's number as a red dash."""
+    Wilson interval, the paper's number as a red dash. False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -647,7 +649,7 @@ def _figure(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("[reproduce] matplotlib is not installed: no results.png (pip install matplotlib)")
-        return
+        return False
     settings = results["settings"]
     fig, axes = plt.subplots(len(settings), 1, figsize=(11, 4 * len(settings)), squeeze=False)
     for ax, (name, s) in zip(axes[:, 0], settings.items(), strict=True):
@@ -677,18 +679,46 @@ def _figure(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
+
+
+def _loss_figure(results, path):
+    """losses.png: per setting, each loss term of every trained run over its steps (moving mean of 10 steps)."""
+    import matplotlib.pyplot as plt  # _figure has checked that it is there
+
+    settings = results["settings"]
+    terms = ("pre", "exp", "att", "mmi")
+    fig, axes = plt.subplots(len(settings), len(terms), figsize=(14, 3.2 * len(settings)), squeeze=False)
+    for row, (name, s) in zip(axes, settings.items(), strict=True):
+        methods = sorted({r["method"] for r in s["runs"].values() if r["seed"] is not None}, key=_method_key)
+        colour = {m: f"C{i}" for i, m in enumerate(methods)}
+        for ax, term in zip(row, terms, strict=True):
+            for r in s["runs"].values():
+                y = r.get("curves", {}).get(term)
+                if not y or not any(y):
+                    continue
+                k = min(10, len(y))
+                ax.plot(np.arange(k, len(y) + 1), np.convolve(y, np.ones(k) / k, "valid"), lw=0.9,
+                        color=colour[r["method"]], label=f"{r['method']} s{r['seed']}")
+            ax.set_title(f"{name}: {term}" if term == "pre" else term, fontsize=9)
+            ax.set_xlabel("step")
+        row[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report(out):
-    """Write results.json, results.md (also printed) and results.png into `out` from its run directories."""
+    """Write results.json, results.md (also printed), results.png and losses.png into `out` from its run
+    directories."""
     out = Path(out)
     settings = {d.name: _setting_results(out, d) for d in sorted(p for p in out.iterdir() if p.is_dir())}
     results = {"dir": str(out), "n_boot": N_BOOT, "settings": {k: v for k, v in settings.items() if v["runs"]}}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = _markdown(results)
     (out / "results.md").write_text(md)
-    if results["settings"]:
-        _figure(results, out / "results.png")
+    if results["settings"] and _figure(results, out / "results.png"):
+        _loss_figure(results, out / "losses.png")
     print(md)
     return results
 

@@ -343,7 +343,9 @@ def test_report_of_the_grid_equals_a_recount(tiny_grid, capsys):
     assert runs["dss-s0"]["train_s"] > 0 and runs["dss-s0"]["wall_s"] > runs["dss-s0"]["train_s"]
     assert set(runs["molsaki-s0"]["losses"]) == {"pre", "exp", "att", "mmi"} and len(runs["molsaki-s0"]["p_s"]) == 3
     assert runs["dss-s0"]["versions"]["torch"] == torch.__version__
-    assert (out / "results.png").stat().st_size > 0
+    log = [json.loads(line) for line in (out / "tiny" / "dss-s0" / "log.jsonl").read_text().splitlines()]
+    assert runs["dss-s0"]["curves"]["exp"] == [r["exp"] for r in log] and len(log) == 30
+    assert (out / "results.png").stat().st_size > 0 and (out / "losses.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------------
