@@ -332,25 +332,34 @@ def collate(batch, pad_id):
 
 def step_losses(args, model, router, batch, feats, device, scale=1.0, sync=True):
     """Loss components of one micro-batch, detached: {'loss', 'pre', 'exp', 'att', 'mmi', 'p_s', 'no_words'}; their
-    gradients (times `scale`) are added to .grad one task at a time. alpha L_pre's backward runs before the L_exp
-    forward (its gradient does not depend on that pass; MMI reads the answer logits detached), so only one pass's
-    graph is alive at a time. Under DistributedDataParallel only a backward with `sync` reduces gradients."""
+    gradients (times `scale`) are added to .grad one task at a time, so only one pass's graph is alive at a time.
+    The rationale pass (the longer one) goes first: the gradient buffers, allocated by the first backward, then
+    sit beside the answer pass's activations, not beside its. MMI's L_exp side reads the answer logits (detached),
+    so for MMI the answer pass goes first. Under DistributedDataParallel only the last backward, with `sync`,
+    reduces gradients."""
     student = getattr(model, "module", model)  # DDP wraps the student; the capture hooks the student itself
-    quiet = model.no_sync if isinstance(model, DDP) else contextlib.nullcontext
     t = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     zero = torch.zeros((), device=device)
     vanilla = args.method == "vanilla"
-    with quiet() if not (vanilla and sync) else contextlib.nullcontext():
-        with autocast:
-            pre = model(t["pre_ids"], attention_mask=t["pre_mask"]).logits
-            l_pre = losses.target_cross_entropy(pre, t["pre_labels"])
-        (scale * (1.0 if vanilla else args.alpha) * l_pre).backward()
+
+    def quiet(last):  # DDP reduces the gradients in the last backward of a step only
+        return model.no_sync() if isinstance(model, DDP) and not (last and sync) else contextlib.nullcontext()
+
+    def answer_task(last):  # alpha L_pre (Eq. 7's first term), its backward; the logits detached
+        with quiet(last):
+            with autocast:
+                logits = model(t["pre_ids"], attention_mask=t["pre_mask"]).logits
+                l_pre = losses.target_cross_entropy(logits, t["pre_labels"])
+            (scale * (1.0 if vanilla else args.alpha) * l_pre).backward()
+        return logits.detach(), l_pre.detach()
+
     if vanilla:
-        return {"loss": l_pre.detach(), "pre": l_pre.detach()}
-    pre = pre.detach() if args.method == "mmi" else None  # no graph left: MMI's answer side is a constant
+        l_pre = answer_task(last=True)[1]
+        return {"loss": l_pre, "pre": l_pre}
+    pre = answer_task(last=False) if args.method == "mmi" else None  # MMI's answer side is a constant
     groups = [f["groups"] for f in feats] if args.method == "molsaki" else None
-    with quiet() if not sync else contextlib.nullcontext():
+    with quiet(last=pre is not None):
         with autocast:
             if groups:
                 with attention.capture(student, groups, values=True) as cap:
@@ -358,10 +367,10 @@ def step_losses(args, model, router, batch, feats, device, scale=1.0, sync=True)
             else:
                 exp = model(t["exp_ids"], attention_mask=t["exp_mask"]).logits
             l_exp = losses.target_cross_entropy(exp, t["exp_labels"])
-        out = {"pre": l_pre.detach(), "att": zero, "mmi": zero}
+        out = {"att": zero, "mmi": zero}
         extra = zero
         if args.method == "mmi":
-            out["mmi"] = extra = losses.mmi_loss(pre, t["pre_labels"], exp, t["exp_labels"])
+            out["mmi"] = extra = losses.mmi_loss(pre[0], t["pre_labels"], exp, t["exp_labels"])
         if groups:
             A_s = cap.stepwise()  # per example [L2, S, W]
             if args.layer_map:
@@ -374,7 +383,9 @@ def step_losses(args, model, router, batch, feats, device, scale=1.0, sync=True)
             out["p_s"], out["no_words"] = p_s.detach().mean(0), torch.tensor(float(len(feats) - used), device=device)
             extra = out["att"]
         (scale * losses.total_loss(zero, l_exp, extra, args.alpha, args.beta)).backward()  # the rest of Eq. 7
-    out.update(exp=l_exp.detach(), att=out["att"].detach(), mmi=out["mmi"].detach())
+    del exp  # the logits [B, N, V]: the answer pass runs without them
+    l_pre = pre[1] if pre is not None else answer_task(last=True)[1]
+    out.update(pre=l_pre, exp=l_exp.detach(), att=out["att"].detach(), mmi=out["mmi"].detach())
     out["loss"] = losses.total_loss(out["pre"], out["exp"], extra.detach(), args.alpha, args.beta)
     return out
 

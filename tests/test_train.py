@@ -403,7 +403,20 @@ def test_backward_per_task_equals_one_backward(method, extra, tiny_teacher_dir, 
             out["loss"].backward()
         return out, [None if p.grad is None else p.grad.clone() for p in params]
 
+    events = []  # the order of the passes: each forward (its input, whether .grad buffers exist yet), each backward
+    hook = student.register_forward_pre_hook(
+        lambda m, a, kw: events.append(("forward", "pre" if a[0] is batch["pre_ids"] else "exp",
+                                        student.lm_head.weight.grad is not None)), with_kwargs=True)
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **kw: (events.append(("backward",)),
+                                                                          backward(self, *a, **kw))[1])
     new, new_grads = run(train.step_losses, backward=False)
+    hook.remove()
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    # one graph at a time; the longer rationale pass first, before any gradient buffer exists (MMI: answer first)
+    first = {"vanilla": [], "mmi": ["pre"]}.get(method, ["exp"])
+    passes = ["pre"] if method == "vanilla" else first + [{"exp": "pre", "pre": "exp"}[first[0]]]
+    assert events == [e for i, p in enumerate(passes) for e in (("forward", p, i > 0), ("backward",))]
     old, old_grads = run(single_backward_losses, backward=True)
     assert new.keys() == old.keys()
     for k in old:
