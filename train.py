@@ -7,10 +7,11 @@ teacher attention cache (data.py through attention.py), training (this file), ev
 
 Methods (SPEC §6): `vanilla` (L_pre on gold answers), `dss` (beta = 0), `mmi` (MMI loss, beta 0.1),
 `molsaki` (Eq. 6 with MoL, Eq. 4/5); `--layer-map T:S` or `last` is the single-layer ablation.
-Per step: one forward for L_pre, its backward, then one forward for L_exp and the backward of the rest of Eq. 7
-(one pass's graph alive at a time); under molsaki the L_exp pass also yields the student's stepwise attention and
-value states (attention.capture), so L_att costs no extra forward. Several processes (torchrun): the student in
-torch's DistributedDataParallel, the router's gradients averaged in one flattened all-reduce.
+Per step: one forward for L_exp and the backward of the rest of Eq. 7, then one forward for L_pre and its backward
+(one pass's graph alive at a time; MMI, which reads the answer logits, runs L_pre first); under molsaki the L_exp
+pass also yields the student's stepwise attention and value states (attention.capture), so L_att costs no extra
+forward. Several processes (torchrun): the student in torch's DistributedDataParallel, the router's gradients
+averaged in one flattened all-reduce.
 
 Every (re)start writes `run.json` (command, flags, versions, commit, data checksums, device) into --out.
 
