@@ -693,10 +693,12 @@ def _loss_figure(results, path):
         methods = sorted({r["method"] for r in s["runs"].values() if r["seed"] is not None}, key=_method_key)
         colour = {m: f"C{i}" for i, m in enumerate(methods)}
         for ax, term in zip(row, terms, strict=True):
+            ax.set_visible(False)  # until a run has the term (mmi: only MMI runs)
             for r in s["runs"].values():
                 y = r.get("curves", {}).get(term)
                 if not y or not any(y):
                     continue
+                ax.set_visible(True)
                 k = min(10, len(y))
                 ax.plot(np.arange(k, len(y) + 1), np.convolve(y, np.ones(k) / k, "valid"), lw=0.9,
                         color=colour[r["method"]], label=f"{r['method']} s{r['seed']}")
