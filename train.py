@@ -335,9 +335,9 @@ def step_losses(args, model, router, batch, feats, device, scale=1.0, sync=True)
     """Loss components of one micro-batch, detached: {'loss', 'pre', 'exp', 'att', 'mmi', 'p_s', 'no_words'}; their
     gradients (times `scale`) are added to .grad one task at a time, so only one pass's graph is alive at a time.
     The rationale pass (the longer one) goes first: the gradient buffers, allocated by the first backward, then
-    sit beside the answer pass's activations, not beside its. MMI's L_exp side reads the answer logits (detached),
-    so for MMI the answer pass goes first. Under DistributedDataParallel only the last backward, with `sync`,
-    reduces gradients."""
+    sit beside the answer pass's activations, not beside the rationale pass's. MMI's L_exp side reads the answer
+    logits (detached), so for MMI the answer pass goes first. Under DistributedDataParallel only the last backward,
+    with `sync`, reduces gradients."""
     student = getattr(model, "module", model)  # DDP wraps the student; the capture hooks the student itself
     t = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -360,7 +360,7 @@ def step_losses(args, model, router, batch, feats, device, scale=1.0, sync=True)
         return {"loss": l_pre, "pre": l_pre}
     pre = answer_task(last=False) if args.method == "mmi" else None  # MMI's answer side is a constant
     groups = [f["groups"] for f in feats] if args.method == "molsaki" else None
-    with quiet(last=pre is not None):
+    with quiet(last=pre is not None):  # the last backward of the step when the answer pass ran first (MMI)
         with autocast:
             if groups:
                 with attention.capture(student, groups, values=True) as cap:
