@@ -10,6 +10,7 @@ Answers are read by answers.py (parse_math, parse_choice, is_correct). Public fu
     load_set(name, data_dir) -> records       a test set by name (`TEST_SETS`) or a file of problems
                                               (`data.FILE_FORMATS`); `set_label(name)` names its results.
     run(checkpoint, sets, data_dir, mode, batch_size, limit, out, dtype) -> {set: accuracy}   (in [0, 1])
+                                              A set an interrupted run finished is kept (`finished_items`).
     parse_args(argv), main(argv)              the command line; a mistake is one line (cli.py).
 
 A record is {id, question, answer, choices?}; a record with `choices` (the choice texts, in the order
@@ -84,6 +85,16 @@ def load_set(name: str, data_dir) -> list[dict]:
     return data.load_file(name)
 
 
+def finished_items(path, records: list[dict], checkpoint) -> list[dict] | None:
+    """The per-item results in `path` when an earlier, interrupted run of this checkpoint finished that set: the
+    file is newer than the checkpoint's weights and holds the same item ids in order. Else None (evaluate)."""
+    weights = [f.stat().st_mtime_ns for f in Path(checkpoint).glob("*") if f.suffix in (".safetensors", ".bin")]
+    if not path.is_file() or not weights or path.stat().st_mtime_ns <= max(weights):
+        return None
+    items = [json.loads(line) for line in path.read_text().splitlines()]
+    return items if [i["id"] for i in items] == [r["id"] for r in records] else None
+
+
 def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_size: int = 16,
         limit: int | None = None, out=None, dtype: str = "auto") -> dict[str, float]:
     """Evaluate the checkpoint on each set; print a markdown table; write eval_<mode>.json and JSONL."""
@@ -96,9 +107,17 @@ def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_
     model.to(device)
     accuracies, rows = {}, ["| set | n | accuracy % |", "|---|---|---|"]
     for name, records in tests.items():
-        accuracy, items = evaluate(model, tokenizer, records, mode, batch_size)
-        with open(out / f"eval_{set_label(name)}_{mode}.jsonl", "w") as f:
-            f.writelines(json.dumps(item) + "\n" for item in items)
+        path = out / f"eval_{set_label(name)}_{mode}.jsonl"
+        items = finished_items(path, records, checkpoint)
+        if items is None:
+            _, items = evaluate(model, tokenizer, records, mode, batch_size)
+            part = path.with_suffix(".part")  # renamed when whole: a kill never leaves half a file
+            with open(part, "w") as f:
+                f.writelines(json.dumps(item) + "\n" for item in items)
+            part.replace(path)
+        else:
+            print(f"[eval] {name}: kept {path}, written after the checkpoint's weights for the same items")
+        accuracy = sum(item["correct"] for item in items) / len(items)
         accuracies[set_label(name)] = accuracy
         rows.append(f"| {name} | {len(items)} | {100 * accuracy:.2f} |")
     (out / f"eval_{mode}.json").write_text(json.dumps(accuracies, indent=2) + "\n")

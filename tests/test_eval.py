@@ -206,6 +206,45 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert items[0]["prompt"] == data.EXP_PROMPT.format(question=records[0]["question"])
 
 
+def test_interrupted_run_keeps_the_sets_it_finished(tmp_path, monkeypatch):
+    """A kill between sets: the rerun evaluates only the sets without a results file, and gives the accuracies
+    of an uninterrupted run. A file older than the weights, or of other items, is evaluated again."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    save_tiny_checkpoint(ckpt)
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
+    sets = ["--checkpoint", str(ckpt), "--sets", f"builtin,{mine}", "--limit", "3", "--out", str(out)]
+    whole = ev.main(sets)
+    first = (out / "eval_builtin_answer.jsonl").read_text()
+    (out / "eval_mine_answer.jsonl").unlink()
+    (out / "eval_answer.json").unlink()  # as if killed while evaluating mine.jsonl
+
+    real, evaluated = ev.evaluate, []
+
+    def spy(model, tok, records, *args):
+        evaluated.append([r["id"] for r in records])
+        return real(model, tok, records, *args)
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    assert ev.main(sets) == whole
+    assert evaluated == [["mine-0"]]
+    assert (out / "eval_builtin_answer.jsonl").read_text() == first
+    assert not list(out.glob("*.part"))
+
+    evaluated.clear()
+    ev.main(sets[:-4] + ["--limit", "2", "--out", str(out)])  # other items of builtin; mine.jsonl has only one
+    builtin = [p["id"] for p in ev.problems.make_problems(200, seed=1)[:3]]
+    assert evaluated == [builtin[:2]]
+    evaluated.clear()
+    ev.main(sets)
+    assert evaluated == [builtin]  # the 2-item file was replaced
+    evaluated.clear()
+    weights = ckpt / "model.safetensors"
+    later = (out / "eval_mine_answer.jsonl").stat().st_mtime_ns + 10**9
+    os.utime(weights, ns=(later, later))  # the checkpoint saved again after the results
+    assert ev.main(sets) == whole
+    assert evaluated == [builtin, ["mine-0"]]
+
+
 # ---------------------------------------------------------------------------------------------
 # Any file of problems (data.FILE_FORMATS), and the weights' dtype.
 
