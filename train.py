@@ -477,23 +477,30 @@ def _data_files(args) -> dict[str, str]:
     return {k: fetch.sha256(p) for k, p in sorted(paths.items()) if p.is_file()}
 
 
-def write_run_info(args):
-    """--out/run.json, what made this run: command line, resolved flags, versions, git commit (null outside a
-    checkout), SHA-256 of the data files, device. Written atomically at the start of every (re)start."""
-    repo = Path(__file__).resolve().parent
+def git_state(repo) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout at `repo`; (None, None) outside one. Dirty: a tracked file differs from the
+    commit (as `git describe --dirty`); untracked files, such as a run directory inside the checkout, do not count."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True)
-        checkout = head.returncode == 0 and status.returncode == 0
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True)
     except FileNotFoundError:  # git not installed
-        checkout = False
+        return None, None
+    if head.returncode or status.returncode:
+        return None, None
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def write_run_info(args):
+    """--out/run.json, what made this run: command line, resolved flags, versions, git commit and whether tracked
+    files had changes (`git_state`), SHA-256 of the data files, device. Written atomically at every (re)start."""
+    commit, dirty = git_state(Path(__file__).resolve().parent)
     device = _device()
     info = {"argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
-            "commit": head.stdout.strip() if checkout else None,
-            "dirty": bool(status.stdout.strip()) if checkout else None,
+            "commit": commit, "dirty": dirty,
             "data_files": _data_files(args),
             "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"}
     tmp = args.out / "run.json.tmp"

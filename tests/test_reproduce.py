@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -196,6 +197,23 @@ def test_run_json_fields_and_data_files(tmp_path):
     assert (re.fullmatch(r"[0-9a-f]{40}", info["commit"]) and isinstance(info["dirty"], bool)) if git else \
         (info["commit"] is None and info["dirty"] is None)
     assert not (args.out / "run.json.tmp").exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_state_counts_tracked_changes_only(tmp_path):
+    """A run directory inside the checkout (untracked) leaves it clean; an edited tracked file makes it dirty."""
+    assert train.git_state(tmp_path) == (None, None)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "train.py").write_text("a\n")
+    subprocess.run(git + ["add", "train.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "log.jsonl").write_text("{}\n")
+    assert train.git_state(tmp_path) == (head, False)
+    (tmp_path / "train.py").write_text("b\n")
+    assert train.git_state(tmp_path) == (head, True)
 
 
 # ---------------------------------------------------------------------------------------------
