@@ -683,7 +683,8 @@ def _figure(results, path):
 
 
 def _loss_figure(results, path):
-    """losses.png: per setting, each loss term of every trained run over its steps (moving mean of 10 steps)."""
+    """losses.png: per setting, each loss term of every trained run over its steps (moving mean of 10 steps); the
+    colour is the method, the line style the seed."""
     import matplotlib.pyplot as plt  # _figure has checked that it is there
 
     settings = results["settings"]
@@ -701,7 +702,8 @@ def _loss_figure(results, path):
                 ax.set_visible(True)
                 k = min(10, len(y))
                 ax.plot(np.arange(k, len(y) + 1), np.convolve(y, np.ones(k) / k, "valid"), lw=0.9,
-                        color=colour[r["method"]], label=f"{r['method']} s{r['seed']}")
+                        color=colour[r["method"]], ls=("-", "--", ":", "-.")[r["seed"] % 4],
+                        label=f"{r['method']} s{r['seed']}")
             ax.set_title(f"{name}: {term}" if term == "pre" else term, fontsize=9)
             ax.set_xlabel("step")
         row[0].legend(fontsize=6)
