@@ -478,11 +478,12 @@ def _data_files(args) -> dict[str, str]:
 
 
 def git_state(repo) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout at `repo`; (None, None) outside one. Dirty: a tracked file differs from the
-    commit (as `git describe --dirty`); untracked files, such as a run directory inside the checkout, do not count."""
+    """(commit, dirty) of the checkout at `repo`; (None, None) outside one. Dirty: a tracked Python file differs from
+    the commit. Other files, such as run directories and result logs inside the checkout, do not count: the data
+    files have their own checksums in run.json."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py"], cwd=repo,
                                 capture_output=True, text=True)
     except FileNotFoundError:  # git not installed
         return None, None

@@ -201,16 +201,18 @@ def test_run_json_fields_and_data_files(tmp_path):
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_state_counts_tracked_changes_only(tmp_path):
-    """A run directory inside the checkout (untracked) leaves it clean; an edited tracked file makes it dirty."""
+    """A run directory inside the checkout and an edited tracked log leave it clean; an edited .py file does not."""
     assert train.git_state(tmp_path) == (None, None)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run(git + ["init", "-q"], check=True)
     (tmp_path / "train.py").write_text("a\n")
-    subprocess.run(git + ["add", "train.py"], check=True)
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    subprocess.run(git + ["add", "train.py", "log.jsonl"], check=True)
     subprocess.run(git + ["commit", "-qm", "x"], check=True)
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "log.jsonl").write_text("{}\n")
+    (tmp_path / "log.jsonl").write_text("{}\n{}\n")
     assert train.git_state(tmp_path) == (head, False)
     (tmp_path / "train.py").write_text("b\n")
     assert train.git_state(tmp_path) == (head, True)
