@@ -494,7 +494,7 @@ def git_state(repo) -> tuple[str | None, bool | None]:
 
 def write_run_info(args):
     """--out/run.json, what made this run: command line, resolved flags, versions, git commit and whether tracked
-    files had changes (`git_state`), SHA-256 of the data files, device. Written atomically at every (re)start."""
+    Python files had changes (`git_state`), SHA-256 of the data files, device. Written atomically at every (re)start."""
     commit, dirty = git_state(Path(__file__).resolve().parent)
     device = _device()
     info = {"argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
