@@ -12,8 +12,8 @@ Presets (`PRESETS`; real data is read from $MOLSAKI_DATA, as train.py and eval.p
             (Its unified rows, Llama-3-8B rationales and attention, are Table 1's GPT-2 large runs.)
     small   this machine's grid: SVAMP with PaLM rationales, gemma3-270m attention, smollm2-135m student,
             SMALL_STEPS steps of batch 8 at lr 1e-4 for every method; dss and molsaki seeds 0, 1, 2 (run first),
-            vanilla, mmi and molsaki --layer-map last seed 0; SVAMP, SingleEq, ASDiv, GSM8K in answer mode and
-            SVAMP, SingleEq in cot mode too. Compared with Table 3's hybrid rows.
+            vanilla, mmi, molsaki --layer-map last and molsaki at β = 10 and 100 seed 0; SVAMP, SingleEq, ASDiv,
+            GSM8K in answer mode and SVAMP, SingleEq in cot mode too. Compared with Table 3's hybrid rows.
 
 Layout of DIR (default runs/reproduce-<preset>): DIR/<setting>/<method>-s<seed>/ is one run, train.py's --out
 (its run.json, log.jsonl, checkpoint, eval files; train.log, eval_cot.log, eval_answer.log: each command's output);
@@ -144,7 +144,10 @@ PRESETS = {
             MATH_SETS, "table3-hybrid", cot_sets=["svamp", "singleeq"])},
         "methods": {**_methods([0, 1, 2], dss=_BASE["dss"], molsaki=_BASE["molsaki"]),
                     **_methods([0], vanilla=_BASE["vanilla"], mmi=_BASE["mmi"],
-                               **{"molsaki-sl-last": ["--method", "molsaki", "--layer-map", "last"]})}},
+                               **{"molsaki-sl-last": ["--method", "molsaki", "--layer-map", "last"],
+                                  # does a stronger attention signal move anything? (the paper's Fig. 5 sweeps β)
+                                  "molsaki-beta10": ["--method", "molsaki", "--beta", "10"],
+                                  "molsaki-beta100": ["--method", "molsaki", "--beta", "100"]})}},
 }
 
 # The paper's accuracies (%), each the mean of three seeds, shown beside our answer-mode columns; its SingleEq

@@ -92,7 +92,7 @@ def test_paired_bootstrap_cases():
 # ---------------------------------------------------------------------------------------------
 # 2. Presets: every dry-run command parses; the dry run writes nothing.
 
-RUNS = {"table1": 48, "table2": 39, "table3": 9, "small": 9}
+RUNS = {"table1": 48, "table2": 39, "table3": 9, "small": 11}
 
 
 @pytest.mark.parametrize("preset", sorted(reproduce.PRESETS))
@@ -121,9 +121,10 @@ def test_dry_run_commands_parse(preset, tmp_path, capsys):
         assert {(a.data, a.rationales, a.teacher, a.student, a.batch_size, a.max_steps, a.lr, a.warmup)
                 for a in parsed["train.py"]} == {("svamp", "palm", "gemma3-270m", "smollm2-135m", 8,
                                                   reproduce.SMALL_STEPS, 1e-4, 0)}
-        runs = sorted((a.method, a.layer_map or "", a.seed) for a in parsed["train.py"])
-        assert runs == sorted([("dss", "", s) for s in (0, 1, 2)] + [("molsaki", "", s) for s in (0, 1, 2)]
-                              + [("vanilla", "", 0), ("mmi", "", 0), ("molsaki", "last", 0)])
+        runs = sorted((a.method, a.layer_map or "", a.beta, a.seed) for a in parsed["train.py"])
+        assert runs == sorted([("dss", "", 0.0, s) for s in (0, 1, 2)] + [("molsaki", "", 1.0, s) for s in (0, 1, 2)]
+                              + [("vanilla", "", 0.0, 0), ("mmi", "", 0.1, 0), ("molsaki", "last", 1.0, 0),
+                                 ("molsaki", "", 10.0, 0), ("molsaki", "", 100.0, 0)])
         assert {a.eval_sets for a in parsed["train.py"]} == {"svamp,singleeq,asdiv,gsm8k"}
         assert {",".join(a.sets) for a in evals if a.mode == "cot"} == {"svamp,singleeq"}
         assert {a.checkpoint for a in evals if a.mode == "answer"} == {"smollm2-135m", "gemma3-270m"}
@@ -133,7 +134,7 @@ def test_seeds_override_and_job_states(tmp_path, capsys):
     reproduce.main(["--preset", "small", "--dry-run", "--out", str(tmp_path), "--seeds", "5,6"])
     cmds = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     seeds = [train.parse_args(argv[2:]).seed for argv in cmds if Path(argv[1]).name == "train.py"]
-    assert sorted(seeds) == [5] * 5 + [6] * 5
+    assert sorted(seeds) == [5] * 7 + [6] * 7
     job = next(j for j in reproduce.grid(reproduce.PRESETS["small"], tmp_path) if j["name"].endswith("/dss-s0"))
     d = job["dir"]
     assert reproduce.commands(job) == [job["main"], job["cot"]]
@@ -160,7 +161,8 @@ def test_grid_runs_seed_by_seed(tmp_path):
     """Stopped early, the small grid holds whole seeds of dss and molsaki, their donor first, then the rest."""
     names = [j["name"].split("/")[1] for j in reproduce.grid(reproduce.PRESETS["small"], tmp_path)]
     assert names == ["untrained-student", "teacher", "molsaki-s0", "dss-s0", "dss-s1", "molsaki-s1", "dss-s2",
-                     "molsaki-s2", "vanilla-s0", "mmi-s0", "molsaki-sl-last-s0"]
+                     "molsaki-s2", "vanilla-s0", "mmi-s0", "molsaki-sl-last-s0",
+                     "molsaki-beta10-s0", "molsaki-beta100-s0"]
 
 
 # ---------------------------------------------------------------------------------------------
