@@ -5,15 +5,19 @@ them (so neither imports the other). Two modes: `answer`, the output of the answ
 that ends with its answer statement.
 
 Public functions:
-    parse_math(text, mode) -> float | None    thousands commas removed; answer mode: the first number;
-                                              cot mode: the number after the last "answer is", else the last.
+    parse_math(text, mode) -> int | float | None   thousands commas removed; answer mode: the first number;
+                                              cot mode: the number after the last "answer is", else the last;
+                                              an int when it has no decimals (exact, up to float's range),
+                                              else a float.
     parse_choice(text, choices, mode) -> str | None   the first "(x)" letter a-e, else the letter of the
                                               choice text found first in the output (cot mode: both looked
                                               for after the last "answer is" when there is one).
-    is_correct(pred, gold, task) -> bool      math: |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
+    is_correct(pred, gold, task) -> bool      math: pred == gold when both are integers (exact), else
+                                              |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
     check_mode(mode)                          ValueError unless mode is "answer" or "cot".
 """
 
+import math
 import re
 
 MODES = ("answer", "cot")
@@ -34,19 +38,24 @@ def _after_last_answer_is(text: str) -> str | None:
     return text[hits[-1].end():] if hits else None
 
 
-def parse_math(text: str, mode: str = "answer") -> float | None:
+def _number(text: str) -> int | float:  # an int when `text` has no decimals and is within float's range
+    value = float(text)
+    return int(text) if "." not in text and math.isfinite(value) else value
+
+
+def parse_math(text: str, mode: str = "answer") -> int | float | None:
     """The number a model's output answers with, or None when it has none."""
     check_mode(mode)
     text = THOUSANDS.sub("", text)
     if mode == "answer":
         found = NUMBER.search(text)
-        return float(found.group()) if found else None
+        return _number(found.group()) if found else None
     tail = _after_last_answer_is(text)
     found = NUMBER.search(tail) if tail is not None else None
     if found is None:
         numbers = NUMBER.findall(text)
-        return float(numbers[-1]) if numbers else None
-    return float(found.group())
+        return _number(numbers[-1]) if numbers else None
+    return _number(found.group())
 
 
 def parse_choice(text: str, choices: list[str], mode: str = "answer") -> str | None:
@@ -68,7 +77,10 @@ def parse_choice(text: str, choices: list[str], mode: str = "answer") -> str | N
 def is_correct(pred, gold: str, task: str) -> bool:
     """Whether a parsed prediction matches the gold answer string."""
     if task == "math":
-        return pred is not None and abs(pred - float(gold.replace(",", ""))) < 1e-4
+        gold = _number(gold.replace(",", ""))
+        if isinstance(pred, int) and isinstance(gold, int):
+            return pred == gold
+        return pred is not None and abs(pred - gold) < 1e-4
     if task == "csqa":
         found = LETTER.search(gold)
         if found is None:

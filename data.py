@@ -11,11 +11,16 @@ The files the loaders read, their sources and their download are fetch.py's: a l
   or only those whose PaLM answer equals gold (keep="correct").
 - `split_answer(text)`: (r, statement), a teacher's output cut before its final answer statement (SPEC §2).
 - `safe_eval(expr)`: the value of an arithmetic expression (numbers, + - * /, parentheses, unary minus).
-- `format_number(x)`: a gold number as text ("42", "0.5", "0.666667": at most 6 decimals).
+- `format_number(x)`: a gold number as text ("42", "0.5", "0.666667": at most 6 decimals); one read from text
+  is kept exactly ("12345678901234567890"), a float (an evaluated equation) is taken at its binary value.
 - `teacher_rationales(model, tok, records, path)`: dual-phase few-shot CoT (SPEC §7), resumable JSONL.
 - `teacher_keywords(model, tok, examples, path)`: the CSQA critical words (App. B.2), resumable JSONL.
 - `build_attention_cache(model, tok, examples, meta)`: `A_t [L1, S, W]` per example, from one no-grad
   teacher pass through `attention.capture`; `load_attention_cache(path, meta)` refuses a mismatched cache.
+- `load_torch(path, fix)`: a torch file of tensors, dicts, lists, numbers and strings (`weights_only`: no code in
+  it runs), on the CPU; any failure is a one-line ValueError ending with `fix`.
+- `read_appended(path)`: the rows of a JSONL file written row by row (the teacher's files, a run's step log); a
+  last line cut by a hard kill is dropped from the file.
 
 Choices the spec leaves open:
 - svamp: the DSS 800/200 split; question = DSS's `input` verbatim; gold = its equation, evaluated.
@@ -41,6 +46,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from decimal import Context, Decimal
 from pathlib import Path
 
 import torch
@@ -79,14 +85,22 @@ def safe_eval(expr: str) -> float:
         raise ValueError(f"cannot evaluate {expr!r}: {e}") from None
 
 
-def format_number(x: float) -> str:
-    """`x` as gold-answer text: integral -> "42", else at most 6 decimals, trailing zeros stripped."""
-    if not math.isfinite(x):
+def format_number(x: float | int | Decimal) -> str:
+    """`x` as gold-answer text: integral -> "42", else rounded to 6 decimals (half to even), trailing zeros
+    stripped. Exact: a float at its binary value, an int or a Decimal (`_number`, from text) as it is."""
+    x = Decimal(x)
+    if not x.is_finite() or not math.isfinite(float(x)):  # float's range: at most 309 digits
         raise ValueError(f"not a finite number: {x}")
-    x = round(float(x), 6)
-    if x == int(x):
-        return str(int(x))
-    return f"{x:.6f}".rstrip("0").rstrip(".")
+    text = format(x.quantize(Decimal("1e-6"), context=Context(prec=max(x.adjusted(), 0) + 8)), "f")
+    text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _number(value) -> Decimal:  # a gold number from text ("1,200") or JSON (a number), exactly
+    try:
+        return Decimal(str(value).strip().replace(",", ""))
+    except ArithmeticError:
+        raise ValueError(f"{value!r} is not a number") from None
 
 
 def _text(value) -> str:  # non-empty text, stripped
@@ -95,20 +109,22 @@ def _text(value) -> str:  # non-empty text, stripped
     return value.strip()
 
 
+def _json(text: str, where: str):  # json.loads; invalid or too deeply nested JSON -> ValueError naming `where`
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
+
+
 def _jsonl(path: Path) -> list[tuple[str, dict]]:  # (location, object) of each non-blank line
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}, line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-    return rows
+        return [(f"{path}, line {n}", _json(line, f"{path}, line {n}")) for n, line in enumerate(f, 1) if line.strip()]
 
 
 def _json_array(path: Path) -> list[tuple[str, object]]:  # (location, item) of each item
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _json(path.read_text(encoding="utf-8"), str(path))
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array")
     return [(f"{path}, item {i}", x) for i, x in enumerate(data)]
@@ -138,7 +154,7 @@ def _gsm8k(root: Path, split: str) -> list[dict]:
         if not sep:
             raise ValueError("no '####' before the final answer")
         return {"id": f"gsm8k-{split}-{i}", "question": _text(r["question"]),
-                "answer": format_number(float(number.strip().replace(",", "")))}
+                "answer": format_number(_number(number))}
 
     fetch.ensure_files(root, [f"gsm8k/{split}.jsonl"])
     return _convert(_jsonl(root / "gsm8k" / f"{split}.jsonl"), make)
@@ -158,7 +174,7 @@ def _asdiv(root: Path, split: str) -> list[dict]:
         if not m:
             raise ValueError(f"answer {p.findtext('Answer')!r} is not a number with an optional unit")
         question = _text(p.findtext("Body")) + " " + _text(p.findtext("Question"))
-        return {"id": p.get("ID"), "question": question, "answer": format_number(float(m.group(1)))}
+        return {"id": p.get("ID"), "question": question, "answer": format_number(_number(m.group(1)))}
 
     return _convert([(f"{xml}, problem {p.get('ID')}", p) for p in problems], make)
 
@@ -167,7 +183,7 @@ def _singleeq(root: Path, split: str) -> list[dict]:
     fetch.ensure_files(root, ["singleeq/questions.json"])
     rows = _json_array(root / "singleeq" / "questions.json")
     return _convert(rows, lambda i, r: {"id": f"singleeq-{r['iIndex']}", "question": _text(r["sQuestion"]),
-                                        "answer": format_number(float(r["lSolutions"][0]))})
+                                        "answer": format_number(_number(r["lSolutions"][0]))})
 
 
 def _csqa(root: Path, split: str) -> list[dict]:
@@ -210,7 +226,7 @@ def _file_record(stem: str, i: int, r: dict) -> dict:
         raise TypeError(f"expected an object, got {type(r).__name__}")
     id_ = str(r.get("id", f"{stem}-{i}"))
     if "sQuestion" in r:
-        return {"id": id_, "question": _text(r["sQuestion"]), "answer": format_number(float(r["lSolutions"][0]))}
+        return {"id": id_, "question": _text(r["sQuestion"]), "answer": format_number(_number(r["lSolutions"][0]))}
     question, answer = _text(r["question"]), r["answer"]
     if "choices" in r:
         texts = [_text(c) for c in r["choices"]]
@@ -225,7 +241,7 @@ def _file_record(stem: str, i: int, r: dict) -> dict:
         answer = answer.rpartition("####")[2]
     if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
         raise ValueError(f"answer {answer!r} is not a number")
-    return {"id": id_, "question": question, "answer": format_number(float(str(answer).strip().replace(",", "")))}
+    return {"id": id_, "question": question, "answer": format_number(_number(answer))}
 
 
 def load_file(path: str | Path) -> list[dict]:
@@ -236,10 +252,7 @@ def load_file(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read it ({e})") from None
-    try:
-        rows = _json_array(path) if text.lstrip().startswith("[") else _jsonl(path)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    rows = _json_array(path) if text.lstrip().startswith("[") else _jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no records")
     records = _convert(rows, lambda i, r: _file_record(path.stem, i, r))
@@ -367,7 +380,7 @@ def cut_rationale(output: str, record: dict) -> tuple[str, str, object]:
     return rationale, statement, answers.parse_math(statement, "cot")
 
 
-def _resume(path: Path) -> list[dict]:
+def read_appended(path: Path) -> list[dict]:
     """Rows of a JSONL file written line by line; a last line cut by a hard kill is dropped from the file."""
     if not path.exists():
         return []
@@ -386,7 +399,7 @@ def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: 
     phase}` of the kept items, in `records` order."""
     path = Path(path)
     attempts = {}  # id -> {phase: attempt}
-    for row in _resume(path):
+    for row in read_appended(path):
         if "statement" not in row:
             raise ValueError(f"{path} holds rationales written before they were cut before their answer "
                              "statement (SPEC §2); delete it or choose another --out")
@@ -407,7 +420,7 @@ def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: 
                 for r, output in zip(part, outputs, strict=True):
                     rationale, statement, answer = cut_rationale(output, r)
                     row = {"id": r["id"], "rationale": rationale, "statement": statement, "phase": phase,
-                           "teacher_answer": format_number(answer) if isinstance(answer, float) else answer,
+                           "teacher_answer": format_number(answer) if isinstance(answer, int | float) else answer,
                            "correct": answers.is_correct(answer, r["answer"], task_of(r))}
                     attempts.setdefault(r["id"], {})[phase] = row
                     f.write(json.dumps(row) + "\n")
@@ -423,7 +436,7 @@ def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: 
 def teacher_keywords(model, tokenizer, examples: list[dict], path, batch_size: int = 8) -> dict[str, list[str]]:
     """CSQA: the teacher's keywords for each example id (paper App. B.2), kept in the JSONL `path`."""
     path = Path(path)
-    done = {row["id"]: row["keywords"] for row in _resume(path)}
+    done = {row["id"]: row["keywords"] for row in read_appended(path)}
     todo = [e for e in examples if e["id"] not in done]
     if todo:
         prompts = [keyword_prompt(e["question"], e["rationale"]) for e in todo]
@@ -485,9 +498,29 @@ def build_attention_cache(model, tokenizer, examples: list[dict], meta: dict, ma
     return {"meta": meta, "items": items}
 
 
+def load_torch(path, fix: str):
+    """torch.load of `path` on the CPU with weights_only (tensors, dicts, lists, numbers, strings: no code in the
+    file runs); any failure (truncated, not a torch file, code in it) is one line, "<path> cannot be read
+    (<reason>); <fix>"."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # whatever torch, pickle or zip raise on a bad file
+        raise ValueError(f"{path} cannot be read ({_load_reason(e)}); {fix}") from None
+
+
+def _load_reason(e: Exception) -> str:  # torch.load's error in a few words
+    code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if code:
+        return f"it holds code ({code.group(1)}), which is never run"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    first = str(e).strip().split("\n")[0].split(". ")[0][:120]
+    return f"not a complete torch file: {first}" if first else "not a complete torch file"
+
+
 def load_attention_cache(path, meta: dict) -> dict:
-    """The cache at `path`; a cache built for another run (teacher, prompt, texts, ...) is an error."""
-    cache = torch.load(path, weights_only=False)
+    """The cache at `path`; a cache built for another run (teacher, prompt, texts, ...) or unreadable is an error."""
+    cache = load_torch(path, "delete it (it is built again) or choose another --out")
     diff = sorted(k for k in set(meta) | set(cache["meta"]) if meta.get(k) != cache["meta"].get(k))
     if diff:
         raise ValueError(f"{path} was built for another run (differs in: {', '.join(diff)}); "

@@ -9,7 +9,9 @@ named commit, verified by its SHA-256 (`FILES` names repository, commit, path an
     kojima-takeshi188/zero_shot_cot @ 5ef330f          copies of SingleEq and the official CommonsenseQA files
 A file comes from `$MOLSAKI_DATA_URL` (default https://raw.githubusercontent.com) `/OWNER/REPO/COMMIT/PATH`, is
 written under a temporary name and renamed only if its SHA-256 is right. No network, an HTTP error, a short body
-or another SHA-256: `DataUnavailable`, a one-line message naming the command that fetches the file.
+or another SHA-256: `DataUnavailable`, a one-line message naming the command that fetches the file. A file is
+checked again whenever a loader reads it: one cut short or edited since is `DataUnavailable` too (hashing all 30
+files takes about 20 ms, so nothing is memoized).
 
     python fetch.py [NAME ...] [--data-dir DIR]   # the named data sets, no NAME: all
 
@@ -20,8 +22,9 @@ Public functions:
                                       path in the data directory -> `Source` (data set, repository, commit, path
                                       there, zip member, SHA-256)
     ensure_files(root, paths) -> int  fetch those missing, and with a zip member the zip's other missing files of
-                                      its data set (data.py's loaders call it before reading, so data is fetched on
-                                      first use); returns how many were downloaded
+                                      its data set; one already there with another SHA-256 is `DataUnavailable`
+                                      (data.py's loaders call it before reading, so data is fetched on first use
+                                      and checked on every use); returns how many were downloaded
     fetch(names, root) -> int         every file of the data sets `names`, also fetching again one whose SHA-256
                                       differs; returns how many were downloaded
     sha256(path) -> str               the hex SHA-256 of a file
@@ -175,7 +178,7 @@ _OFFLINE = "or point --data-dir or MOLSAKI_DATA at an offline copy of the data" 
 
 
 class DataUnavailable(RuntimeError):
-    """A data file that is missing and cannot be fetched, or that was fetched with another SHA-256. One line."""
+    """A data file that is missing and cannot be fetched, or that has another SHA-256. One line."""
 
 
 def files_of(name: str) -> list[str]:
@@ -187,9 +190,15 @@ def files_of(name: str) -> list[str]:
 
 def ensure_files(root: str | Path, paths: list[str]) -> int:
     """Fetch those of `paths` (keys of FILES) missing from `root`, and with a zip member the other missing files of
-    its data set in that zip (one download); returns how many files were downloaded."""
+    its data set in that zip (one download); a file of `paths` already there with another SHA-256 (cut short,
+    edited) is `DataUnavailable`. Returns how many files were downloaded."""
     root = Path(root)
     missing = {p for p in paths if not (root / p).is_file()}
+    for path in (p for p in paths if p not in missing):  # a downloaded file was checked as it was written
+        if (got := sha256(root / path)) != FILES[path].sha256:
+            raise DataUnavailable(f"data file {root / path} has SHA-256 {got}, not its source's "
+                                  f"{FILES[path].sha256} (cut short or edited?); fetch it again with "
+                                  f"`{_command(root, path)}`, {_OFFLINE}")
     zips = {(FILES[p].dataset, FILES[p].path) for p in missing if FILES[p].member}
     missing |= {p for p, s in FILES.items() if s.member and (s.dataset, s.path) in zips and not (root / p).is_file()}
     return _download(root, [p for p in FILES if p in missing])

@@ -6,7 +6,9 @@ One PNG per figure in RUN_DIR/figures (or --out), paths printed: heatmap (paper 
 and the student's A_s before/after of one example, steps x critical words, Eq. 6 KL in the titles),
 teacher_layers (Fig. 13), column_gradient (Fig. 4: Eq. 4 G per teacher layer over the training set),
 layer_weights (Fig. 6, 8: p_t of Eq. 4, p_s of Eq. 5), router_over_steps (logged p_s, p_t per step),
-numeric_share (Fig. 1b, App. B.1), losses (every loss component of log.jsonl).
+numeric_share (Fig. 1b, App. B.1), losses (every loss component of log.jsonl). The run's .pt files are read by
+data.load_torch (no code in them runs); one that cannot be read, or a run that is not molsaki's, is one line,
+`error: ...`, exit status 2.
 
 Public functions: `run_argv`, `load_run`, `example_view`, `student_stepwise`, `student_weights`,
 `critical_attention`, `numeric_share`, one `plot_*` per figure, `parse_args`, `main`.
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 
 import attention
+import cli
 import data
 import losses
 import models
@@ -52,10 +55,11 @@ def _pyplot():
 
 
 def run_argv(saved: dict, run_dir, data_dir=None) -> list[str]:
-    """train.py flags from trainer_state's "args" (every value a string); --out is the run directory as found now."""
+    """train.py flags from trainer_state's "args" (every value a string); --out is the run directory as found now,
+    without the flags that only say how a run starts in it (--resume, --overwrite)."""
     argv = ["--out", str(run_dir)]
     for k, v in saved.items():
-        if k not in ("out", "resume", "data_dir") and v != "None":
+        if k not in ("out", "resume", "overwrite", "data_dir") and v != "None":
             argv += [f"--{k.replace('_', '-')}", v]
     data_dir = data_dir or (saved.get("data_dir") if saved.get("data_dir") != "None" else None)
     return argv + (["--data-dir", str(data_dir)] if data_dir else [])
@@ -64,11 +68,12 @@ def run_argv(saved: dict, run_dir, data_dir=None) -> list[str]:
 def load_run(run_dir, data_dir=None):
     """(args, trainer state, training examples, teacher cache, log rows) of a molsaki run directory."""
     run_dir = Path(run_dir)
-    state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = data.load_torch(run_dir / "checkpoint" / "trainer_state.pt",
+                            "pass the --out folder of a train.py run that saved a checkpoint")
     args = train.parse_args(run_argv(state["args"], run_dir, data_dir))
     if args.method != "molsaki" or not (run_dir / "teacher_cache.pt").exists():
         raise ValueError(f"{run_dir}: the figures need a molsaki run with teacher_cache.pt (method {args.method})")
-    cache = torch.load(run_dir / "teacher_cache.pt", weights_only=False)
+    cache = data.load_torch(run_dir / "teacher_cache.pt", "delete it: train.py with the run's flags builds it again")
     rows = [json.loads(line) for line in open(run_dir / "log.jsonl")]
     return args, state, train.training_examples(args), cache, rows
 
@@ -262,7 +267,10 @@ def main(argv=None):
     run_dir = Path(opts.run_dir)
     out = Path(opts.out or run_dir / "figures")
     out.mkdir(parents=True, exist_ok=True)
-    args, state, examples, cache, rows = load_run(run_dir, opts.data_dir)
+    try:
+        args, state, examples, cache, rows = load_run(run_dir, opts.data_dir)
+    except ValueError as e:  # a file of the run that cannot be read, or not a molsaki run
+        cli.fail(e)
 
     after, tok = models.load_model(str(run_dir / "checkpoint"), attn_implementation=attention.ATTN)
     feats = train.features(args, examples, tok, cache, after.config.num_hidden_layers)

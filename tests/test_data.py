@@ -1,20 +1,24 @@
 """Tests for data.py: loaders against counts and hand-read items of the real files, PaLM filtering against
 DSS's own parse, safe_eval and format_number against hand-computed values, and the error messages."""
 
+import hashlib
 import json
 import os
 import re
 import xml.etree.ElementTree as ET
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import fetch
 from data import (
     EXP_PROMPT,
     PRE_PROMPT,
     format_number,
     load_dataset,
+    load_file,
     load_palm_rationales,
     safe_eval,
 )
@@ -50,7 +54,10 @@ def test_safe_eval_rejects(expr):
 
 
 @pytest.mark.parametrize("x, text", [(42.0, "42"), (0.5, "0.5"), (1200, "1200"), (2 / 3, "0.666667"),
-                                     (7.050000000000001, "7.05"), (-0.0, "0"), (-2.25, "-2.25"), (1e-7, "0")])
+                                     (7.050000000000001, "7.05"), (-0.0, "0"), (-2.25, "-2.25"), (1e-7, "0"),
+                                     (12345678901234567890, "12345678901234567890"),  # an int: exact
+                                     (Decimal("12345678901234567890.0000015"), "12345678901234567890.000002"),
+                                     (Decimal("-0.0000004"), "0")])
 def test_format_number(x, text):
     assert format_number(x) == text
 
@@ -69,21 +76,54 @@ def test_unknown_dataset_or_split(tmp_path):
         load_palm_rationales("gsm8k", "train", tmp_path)
 
 
-def test_malformed_jsonl_names_file_and_line(tmp_path):
+def test_malformed_jsonl_names_file_and_line(tmp_path, monkeypatch):
     (tmp_path / "gsm8k").mkdir()
     path = tmp_path / "gsm8k" / "train.jsonl"
+
+    def write(text):  # a made-up file, registered in the fetch table under its own SHA-256 so that it is read
+        path.write_text(text)
+        source = fetch.FILES["gsm8k/train.jsonl"]._replace(sha256=hashlib.sha256(text.encode()).hexdigest())
+        monkeypatch.setitem(fetch.FILES, "gsm8k/train.jsonl", source)
+
     good = json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"})
-    path.write_text(good + "\n" + '{"question": "broken' + "\n")
+    write(good + "\n" + '{"question": "broken' + "\n")
     with pytest.raises(ValueError, match=r"train\.jsonl, line 2"):
         load_dataset("gsm8k", "train", tmp_path)
-    path.write_text(good + "\n\n" + json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    write(good + "\n\n" + json.dumps({"question": "q", "answer": "no marker"}) + "\n")
     with pytest.raises(ValueError, match=r"train\.jsonl, line 3: malformed record.*####"):
         load_dataset("gsm8k", "train", tmp_path)
-    path.write_text(json.dumps({"answer": "#### 2"}) + "\n")
+    write(json.dumps({"answer": "#### 2"}) + "\n")
     with pytest.raises(ValueError, match=r"train\.jsonl, line 1: malformed record.*question"):
         load_dataset("gsm8k", "train", tmp_path)
-    path.write_text(good + "\n" + json.dumps({"question": "q", "answer": "#### 1,250"}) + "\n")
+    write(good + "\n" + json.dumps({"question": "q", "answer": "#### 1,250"}) + "\n")
     assert [r["answer"] for r in load_dataset("gsm8k", "train", tmp_path)] == ["2", "1250"]
+
+
+@pytest.mark.parametrize("text, where", [
+    ("[" * 100_000, "deep.json"),  # a JSON array, cut
+    ("[" * 100_000 + "]" * 100_000, "deep.json"),  # well-formed, but deeper than the parser recurses
+    ('{"question": "Q?", "answer": "1"}\n' + '{"question": ' + "[" * 100_000 + "\n", "deep.json, line 2"),  # JSONL
+])
+def test_deeply_nested_json_is_one_line(text, where, tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_file(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / where) + ": ") and "nested too deeply" in message
+
+
+def test_gold_beyond_float_precision_is_kept_exactly(tmp_path):
+    """float(12345678901234567890) is 12345678901234567168: every way of writing such a gold keeps its digits."""
+    rows = [{"question": "Q1?", "answer": "12345678901234567890"},
+            {"question": "Q2?", "answer": 12345678901234567890},  # a JSON integer
+            {"question": "Q3?", "answer": "so #### 12,345,678,901,234,567,890"},
+            {"sQuestion": "Q4?", "lSolutions": [12345678901234567890]},
+            {"question": "Q5?", "answer": "-12345678901234567890.25"},
+            {"question": "Q6?", "answer": "2.5"}]  # an ordinary answer as before
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["answer"] for r in load_file(path)] == ["12345678901234567890"] * 4 + ["-12345678901234567890.25", "2.5"]
 
 
 @needs_data

@@ -2,7 +2,8 @@
 offline copy at the URLs of `fetch.FILES` (Distilling Step-by-Step's datasets.zip built here from it): a full
 fetch the loaders then read, a re-fetch that downloads nothing, and each fault (wrong bytes, 404, a connection
 closed mid-file, a dead port) a one-line error that leaves nothing half-written, followed by a fetch that works;
-and the data directory: --data-dir, else MOLSAKI_DATA, else the cache."""
+a copy cut short or edited after its download refused by the loaders, until the command they name fetches it
+again; and the data directory: --data-dir, else MOLSAKI_DATA, else the cache."""
 
 import hashlib
 import io
@@ -202,6 +203,50 @@ def test_loaders_fetch_a_missing_file_on_first_use(entry, server, root, monkeypa
     assert listing(root) == sorted(files_of("singleeq") + files_of("svamp"))  # the zip's other svamp files too
     assert len(load_dataset("svamp", "train", None)) == 800
     assert ensure_files(root, files_of("svamp")) == 0 and len(server.requests) == 2
+
+
+def first_100(path: Path) -> None:  # a JSONL file cut to its first 100 records
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:100]))
+
+
+def half(path: Path) -> None:  # the first half of its bytes
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit(path: Path) -> None:  # nluds-0001's answer 9 -> 8: same size, another SHA-256
+    text = path.read_bytes()
+    path.write_bytes(text.replace(b"<Answer>9 (apples)</Answer>", b"<Answer>8 (apples)</Answer>", 1))
+
+
+@needs_data
+@pytest.mark.parametrize("name, path, change, read, count", [
+    ("svamp", "svamp/distilling_step_by_step/svamp_test.json", first_100, lambda r: load_dataset("svamp", "test", r),
+     200),
+    ("asdiv", "asdiv/ASDiv.xml", edit, lambda r: load_dataset("asdiv", "test", r), 1218),
+    ("svamp", "svamp/distilling_step_by_step/llm/test_CoT_0.json", half,
+     lambda r: load_palm_rationales("svamp", "test", r), 198),
+], ids=["split cut short", "answer edited", "PaLM file cut short"])
+def test_loader_refuses_a_changed_file_and_the_command_it_names_restores_it(name, path, change, read, count, server,
+                                                                            root, capsys):
+    for p in files_of(name):  # an intact offline copy: read, nothing fetched
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).write_bytes((DATA / p).read_bytes())
+    assert len(read(root)) == count
+    change(root / path)
+    changed = (root / path).read_bytes()
+    assert changed != (DATA / path).read_bytes()
+    with pytest.raises(DataUnavailable) as err:
+        read(root)
+    message = str(err.value)
+    command = f"python fetch.py {name} --data-dir {root}"
+    assert "\n" not in message and str(root / path) in message and f"`{command}`" in message
+    assert sha256(root / path) in message and FILES[path].sha256 in message
+    assert (root / path).read_bytes() == changed and server.requests == []  # refused as it is, nothing fetched
+
+    server.files = sources(files_of(name))
+    fetch.main(command.split()[2:])  # the command of the message
+    assert "another SHA-256: fetching it again" in capsys.readouterr().out
+    assert sha256(root / path) == FILES[path].sha256 and len(read(root)) == count
 
 
 def test_loader_without_network_raises_one_line(root, monkeypatch):

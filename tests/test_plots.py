@@ -1,10 +1,12 @@
 """Tests for plots.py: every figure is drawn from a tiny run (MoL and the --layer-map ablation) as a real, non-blank
 PNG, with p_s from the saved router or one-hot; the App. B.1 means match a hand example and, on a tiny model, the
-capture route of Eq. 2/3; a run's saved flags rebuild the same arguments; a missing matplotlib is a clear error."""
+capture route of Eq. 2/3; a run's saved flags rebuild the same arguments; a missing matplotlib is a clear error,
+and so is a run file with code in it, which never runs."""
 
 import math
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,6 +98,35 @@ def test_run_argv_rebuilds_the_arguments(tmp_path):
     assert vars(again) == dict(vars(args), out=tmp_path)
     with_data = train.parse_args(plots.run_argv(saved, tmp_path, data_dir="/data"))
     assert with_data.data_dir == "/data"
+
+
+class Touch:
+    """Unpickled without weights_only, it creates the file `path`: code that runs from a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+@pytest.mark.parametrize("bad", ["checkpoint/trainer_state.pt", "teacher_cache.pt"])
+def test_a_run_file_with_code_in_it_is_refused_and_never_run(bad, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    args = train.parse_args(["--method", "molsaki", "--out", str(run)])
+    files = {"checkpoint/trainer_state.pt": {"args": {k: str(v) for k, v in vars(args).items()}},
+             "teacher_cache.pt": {"meta": {}, "items": {}}}
+    files[bad] = dict(files[bad], payload=Touch(tmp_path / "pwned"))
+    for name, obj in files.items():
+        torch.save(obj, run / name)
+    with pytest.raises(ValueError, match=f"^{run / bad} cannot be read \\(it holds code"):
+        plots.load_run(run)
+    with pytest.raises(SystemExit) as exit_:
+        plots.main([str(run)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"error: {run / bad} cannot be read") and err.count("\n") == 1
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_missing_matplotlib_names_the_install(monkeypatch):

@@ -350,6 +350,64 @@ def test_load_attention_cache_refuses_another_run(tmp_path):
         load_attention_cache(path, dict(meta, seed=1))  # a key the cache lacks
 
 
+class Touch:
+    """Unpickled without weights_only, it creates the file `path`: code that runs from a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def test_a_cache_with_code_in_it_is_refused_and_never_run(tmp_path):
+    meta = {"teacher": "t"}
+    live = tmp_path / "live.pt"  # the oracle: this payload does run when code may
+    torch.save({"meta": meta, "items": Touch(tmp_path / "ran")}, live)
+    torch.load(live, weights_only=False)
+    assert (tmp_path / "ran").exists()
+    path = tmp_path / "teacher_cache.pt"
+    torch.save({"meta": meta, "items": Touch(tmp_path / "pwned")}, path)
+    with pytest.raises(ValueError) as err:
+        load_attention_cache(path, meta)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path} cannot be read (") and "delete it" in message
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_truncated_cache_is_one_line_naming_it(tmp_path):
+    meta = {"teacher": "t"}
+    path = tmp_path / "teacher_cache.pt"
+    save_atomic({"meta": meta, "items": {"x": {"A": torch.rand(2, 3, 4), "step_ids": [0, 1, 2], "word_ids": [0]}}},
+                path)
+    whole = path.read_bytes()
+    assert load_attention_cache(path, meta)["items"]["x"]["step_ids"] == [0, 1, 2]  # weights_only reads it
+    for cut in (whole[: len(whole) // 2], b"", b"not a torch file"):
+        path.write_bytes(cut)
+        with pytest.raises(ValueError) as err:
+            load_attention_cache(path, meta)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{path} cannot be read (") and "delete it" in message
+
+
+def test_big_integer_answers_are_kept_and_compared_exactly(tmp_path, monkeypatch):
+    """12345678901234567890 is 12345678901234567168 as a float: the teacher's answer keeps every digit, and one
+    off by 1 is wrong."""
+    records = [{"id": "a", "question": "How many grains?", "answer": "12345678901234567890"},
+               {"id": "b", "question": "How many stars?", "answer": "12345678901234567890"}]
+
+    def generate(model, tokenizer, prompts, max_new_tokens, batch_size=16, desc=""):
+        stated = {"How many grains?": "12345678901234567890", "How many stars?": "12345678901234567891"}
+        return [f" I counted. The answer is {stated[_asked(p)[0]]}." for p in prompts]
+
+    monkeypatch.setattr(models, "generate", generate)
+    kept = teacher_rationales(None, None, records, tmp_path / "r.jsonl")
+    assert kept == [{"id": "a", "rationale": "I counted.", "teacher_answer": "12345678901234567890", "phase": 1}]
+    assert [(r["id"], r["phase"], r["teacher_answer"], r["correct"]) for r in _rows(tmp_path / "r.jsonl")] == [
+        ("a", 1, "12345678901234567890", True), ("b", 1, "12345678901234567891", False),
+        ("b", 2, "12345678901234567891", False)]
+
+
 def test_texts_hash():
     examples = problems.make_problems(3, seed=0)
     h = texts_hash(examples)
