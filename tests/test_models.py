@@ -1,7 +1,8 @@
-"""Model loading: local folders, the packaged-model cache (reuse, atomic conversion, missing packages),
-and (slow) the real SmolLM2 conversion."""
+"""Model loading: local folders, the packaged-model cache (reuse, atomic conversion, missing packages), folders
+that cannot work (no tokenizer, truncated weights), and (slow) the real SmolLM2 conversion."""
 
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -84,6 +85,50 @@ def test_missing_package_names_the_pip_command(tmp_path, monkeypatch, name, miss
         assert command in str(error.value)
     assert absent not in str(error.value)
     assert not (tmp_path / "models" / name).exists()
+
+
+def damaged_copy(folder, name, remove=(), cut=None):
+    """A copy of `folder` as `name`, without the files `remove` and with the file `cut` = (file, bytes) shortened."""
+    copy = shutil.copytree(folder, folder.parent / name)
+    for f in remove:
+        (copy / f).unlink()
+    if cut:
+        data = (copy / cut[0]).read_bytes()
+        (copy / cut[0]).write_bytes(data[:-cut[1]])
+    return copy
+
+
+def one_line_value_error(folder, expect):
+    with pytest.raises(ValueError) as error:
+        models.load_config(str(folder))
+    assert expect in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_load_config_refuses_a_folder_that_cannot_work(tmp_path):
+    """No tokenizer files (training would run on nothing), a truncated safetensors file (found from its header and
+    the file's size, the intact size being the oracle), one shard of a sharded checkpoint cut or missing."""
+    folder = tmp_path / "intact"
+    model, _ = save_tiny(folder)
+    assert models.load_config(str(folder)).num_hidden_layers == 2
+    one_line_value_error(damaged_copy(folder, "no_tok", ["tokenizer.json", "tokenizer_config.json"]),
+                         "has no tokenizer files")
+    one_line_value_error(damaged_copy(folder, "no_vocab", ["tokenizer.json"]), "has no tokenizer files")
+    size = (folder / "model.safetensors").stat().st_size
+    for n, expect in ((1, size), (1000, size), (size - 4, "?")):  # the last keeps half the header's length
+        cut = damaged_copy(folder, f"cut{n}", cut=("model.safetensors", n))
+        one_line_value_error(cut, f"{cut / 'model.safetensors'} is truncated or damaged ({size - n} of {expect} bytes)")
+
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    shutil.copy(folder / "tokenizer.json", sharded)
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").exists()
+    models.load_config(str(sharded))
+    last = shards[-1]
+    shard_size = (sharded / last).stat().st_size
+    one_line_value_error(damaged_copy(sharded, "cut_shard", cut=(last, 10)),
+                         f"{last} is truncated or damaged ({shard_size - 10} of {shard_size} bytes)")
+    one_line_value_error(damaged_copy(sharded, "no_shard", [last]), f"{last} is missing")
 
 
 @pytest.mark.slow
