@@ -25,10 +25,13 @@ Running a grid (`run_grid`):
   sets) and is skipped. Otherwise train.py runs, with --resume when the run directory holds a checkpoint (the
   folders train._checkpoint_dir looks in), then `eval.py --mode cot` on the checkpoint.
 - Ctrl-C or SIGTERM is forwarded once, as SIGTERM, to the running commands (each runs in its own session, so a
-  terminal's Ctrl-C reaches them only this way, and a SIGKILL of this process leaves them running); train.py saves
-  a checkpoint and exits; nothing new starts. The same command later continues where it stopped. A run directory
-  written by another train.py command (run.json's argv, --out and --resume aside) is an error: two grids are never
-  mixed in one directory.
+  terminal's Ctrl-C reaches them only this way); train.py saves a checkpoint and exits; nothing new starts, and
+  the grid waits for them to exit. An error in the grid's loop does the same before it is raised. A grid that dies
+  without either (SIGKILL) leaves no command behind on Linux: each gets SIGTERM when the grid dies (its parent-death
+  signal, `_die_with_parent`); elsewhere they run on, and train.py's lock on its run directory keeps a rerun's
+  train.py out of it. The same command later continues where it stopped. A run directory written by another
+  train.py command (run.json's argv, --out and --resume aside) is an error: two grids are never mixed in one
+  directory.
 - Shared teacher stage. train.py writes rationales.jsonl (teacher rationales), keywords.jsonl (CSQA keywords) and
   teacher_cache.pt (molsaki) into its --out and reuses them when present (the cache only if its metadata match,
   data.load_attention_cache). Runs whose flags agree on everything but training-only flags (`TRAINING_ONLY`) have
@@ -51,6 +54,16 @@ in log.jsonl), wall seconds of its commands (reproduce.log.jsonl), the loss term
 first and of the last 10% of steps) and, for molsaki runs, the mean p_s and p_t of the last 10% of steps. The
 untrained student and the teacher are rows of the accuracy table.
 
+What the report does with a directory it cannot read as it is (an error is one `error:` line and exit status 2 on
+the command line, `GridError` from `report`; nothing is written then):
+- DIR missing, or holding no run with an evaluated set: an error (a wrong path, or a grid that has evaluated
+  nothing yet). At the end of a grid, this prints `no report` instead, and the grid's exit status stands.
+- run.json that is not JSON: an error naming it (mend or delete it; train.py writes it anew when the run resumes).
+- log.jsonl and reproduce.log.jsonl are appended line by line, so a last line without its newline was cut by a
+  kill: it is dropped, as data.py's `read_appended` drops it. A line that is not JSON anywhere else, or in an
+  eval_<set>_<mode>.jsonl (written whole, then renamed), is an error naming the file and line.
+- An empty eval_<set>_<mode>.jsonl: a warning naming it, and the run has no result for that set and mode.
+
 Public functions:
     wilson(k, n, z) -> (lo, hi)              Wilson score interval of k / n.
     mcnemar_exact(b, c) -> p                 exact two-sided McNemar test from the discordant counts.
@@ -60,10 +73,11 @@ Public functions:
     run_grid(spec, out, jobs, seeds) -> exit status    runs the grid, then writes the report.
     dry_run(spec, out, jobs, seeds) -> text  the commands run_grid would run now.
     report(out) -> results                   writes results.md, results.json, results.png, losses.png.
+    GridError                                a grid directory that cannot be used as it is.
     parse_args(argv), main(argv)             the command line.
 """
 
-import argparse
+import ctypes
 import json
 import math
 import os
@@ -77,6 +91,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import cli
 
 ROOT = Path(__file__).resolve().parent
 SMALL_STEPS = 100  # one epoch of SVAMP train (800 items) at batch 8
@@ -93,6 +109,11 @@ TINYLLAMA = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"  # the paper n
 GPT2_SCHEDULE = ["--lr", "5e-5", "--batch-size", "16", "--max-steps", "4000", "--warmup", "0"]  # paper App. F.2
 TINYLLAMA_SCHEDULE = ["--lr", "1e-4", "--batch-size", "16", "--max-steps", "2000", "--warmup", "0"]
 MATH_SETS = ["svamp", "singleeq", "asdiv", "gsm8k"]
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class GridError(ValueError):
+    """A grid directory that cannot be used as it is; the message names the file and what to do."""
 
 
 def _setting(teacher, student, data, rationales, schedule, answer_sets, paper, cot_sets=()):
@@ -310,9 +331,9 @@ def _check_made_by(jobs):
         return f
 
     wrong = [str(job["dir"]) for job in jobs if job["seed"] is not None and (job["dir"] / "run.json").exists()
-             and key(json.loads((job["dir"] / "run.json").read_text())["argv"][1:]) != key(job["main"][2:])]
+             and key(_read_json(job["dir"] / "run.json")["argv"][1:]) != key(job["main"][2:])]
     if wrong:
-        raise ValueError(f"run directories made by another command (choose another --out): {', '.join(wrong)}")
+        raise GridError(f"run directories made by another command (choose another --out): {', '.join(wrong)}")
 
 
 def _share(job, by_name):
@@ -346,25 +367,61 @@ def _event(out, row):
         f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
 
 
-def _start(job, env, out):
+def _die_with_parent():
+    """The preexec_fn of a command: on Linux, the command gets SIGTERM when this process dies, however it dies
+    (prctl's parent-death signal), and never starts when this process died before prctl took effect. None on
+    other systems (no prctl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None).prctl, os.getpid()
+
+    def preexec():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until exec, this process's handler would swallow it
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent is gone already: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
+def _start(job, env, out, running):
+    """Start the job's next command in its own session, dying with this process, and add the job to `running`."""
     cmd = job["todo"][0]
     job["dir"].mkdir(parents=True, exist_ok=True)
     log = "train.log" if cmd[1].endswith("train.py") else f"eval_{_flags(cmd[2:])['--mode']}.log"
     with open(job["dir"] / log, "a") as f:
-        job["proc"] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        job["proc"] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       preexec_fn=_die_with_parent())
+    running[job["name"]] = job
     job["t0"], job["signalled"] = time.time(), False
     _event(out, {"event": "start", "job": job["name"], "cmd": cmd})
     print(f"[reproduce] {job['name']}: {Path(cmd[1]).name} {'--resume ' * (cmd[-1] == '--resume')}"
           f"(output in {job['dir'] / log})", flush=True)
 
 
+def _end(running):
+    """SIGTERM to each running command not signalled yet, then wait for every one to exit (a Ctrl-C stops the
+    wait)."""
+    if running:
+        print(f"[reproduce] an error stops the grid: {len(running)} running command(s) save and exit", flush=True)
+    for job in running.values():
+        if not job["signalled"]:
+            job["proc"].send_signal(signal.SIGTERM)
+    for job in running.values():
+        job["proc"].wait()
+
+
 def run_grid(spec, out, jobs=1, seeds=None):
     """Run every job of the grid that is not finished, `jobs` commands at a time, then write the report. Returns
-    0 when all finished, 1 when a command failed (the others still ran), 130 when stopped by SIGINT or SIGTERM."""
+    0 when all finished, 1 when a command failed (the others still ran), 130 when stopped by SIGINT or SIGTERM.
+    An error in its loop ends the running commands (SIGTERM, then a wait for them) before it is raised."""
     plan = grid(spec, out, seeds)
     _check_made_by(plan)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    events = out / "reproduce.log.jsonl"
+    if events.exists() and not events.read_text().endswith("\n"):  # a kill mid-row: drop it before appending
+        events.write_text("".join(json.dumps(r) + "\n" for r in _read_jsonl(events, appended=True)))
     env = dict(os.environ, OMP_NUM_THREADS=str(_threads(jobs)), PYTHONUNBUFFERED="1")
     by_name = {job["name"]: job for job in plan}
     waiting, running, failed, stop, announced = list(plan), {}, [], [], False
@@ -382,8 +439,7 @@ def run_grid(spec, out, jobs=1, seeds=None):
                 job["todo"] = commands(job)
                 if job["todo"]:
                     _share(job, by_name)
-                    _start(job, env, out)
-                    running[job["name"]] = job
+                    _start(job, env, out, running)
             for job in list(running.values()):
                 if stop and not job["signalled"]:
                     if not announced:
@@ -397,7 +453,7 @@ def run_grid(spec, out, jobs=1, seeds=None):
                 _event(out, {"event": "end", "job": job["name"], "rc": rc, "sec": round(time.time() - job["t0"], 3)})
                 job["todo"].pop(0)
                 if rc == 0 and job["todo"] and not stop:
-                    _start(job, env, out)
+                    _start(job, env, out, running)
                     continue
                 del running[job["name"]]
                 if rc != 0 and not stop:
@@ -405,14 +461,16 @@ def run_grid(spec, out, jobs=1, seeds=None):
                     print(f"[reproduce] {job['name']} failed (exit status {rc}); see its log", flush=True)
             time.sleep(0.2)
     finally:
-        for job in running.values():  # only after an error in this loop: no command outlives it
-            job["proc"].terminate()
         for s, h in handlers.items():
             signal.signal(s, h)
+        _end(running)  # only after an error in this loop: no command outlives it
     if stop:
         print("[reproduce] stopped; the same command continues where it stopped", flush=True)
         return 130
-    report(out)
+    try:
+        report(out)
+    except GridError as e:
+        print(f"[reproduce] no report: {e}", flush=True)
     if failed:
         print(f"[reproduce] failed: {', '.join(failed)}")
     return 1 if failed else 0
@@ -453,18 +511,44 @@ def _method_key(method):
     return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), _natural(method)
 
 
-def _read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def _read_json(path):
+    """run.json; not JSON is a GridError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise GridError(f"{path}: not valid JSON ({e}); mend or delete it (train.py writes it anew when the run "
+                        "resumes)") from None
+
+
+def _read_jsonl(path, appended=False):
+    """The rows of a JSONL file; a line that is not JSON is a GridError naming the file and line. In a file
+    `appended` line by line, a last line without its newline was cut by a kill: it is dropped."""
+    text = Path(path).read_text()
+    if appended and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise GridError(f"{path}, line {n}: not valid JSON ({e.msg}); mend or delete that line") from None
+    return rows
 
 
 def _load(d):
-    """A run or baseline directory: {"items": {column: {id: correct}}, "info": run.json, "log": rows}."""
+    """A run or baseline directory: {"items": {column: {id: correct}}, "info": run.json, "log": rows}; an empty
+    eval file is left out with a warning."""
     items = {}
     for path in sorted(d.glob("eval_*_*.jsonl")):
         name, mode = path.stem[len("eval_"):].rsplit("_", 1)
-        items[f"{name}/{mode}"] = {str(r["id"]): bool(r["correct"]) for r in _read_jsonl(path)}
-    info = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
-    log = _read_jsonl(d / "log.jsonl") if (d / "log.jsonl").exists() else []
+        rows = _read_jsonl(path)
+        if not rows:
+            print(f"[reproduce] warning: {path} is empty: {d.name} has no {name} ({mode}) result", file=sys.stderr)
+            continue
+        items[f"{name}/{mode}"] = {str(r["id"]): bool(r["correct"]) for r in rows}
+    info = _read_json(d / "run.json") if (d / "run.json").exists() else {}
+    log = _read_jsonl(d / "log.jsonl", appended=True) if (d / "log.jsonl").exists() else []
     return {"items": items, "info": info, "log": log}
 
 
@@ -514,7 +598,7 @@ def _compare(runs, col, dss):
 def _setting_results(out, d):
     wall = {}
     if (out / "reproduce.log.jsonl").exists():
-        for row in _read_jsonl(out / "reproduce.log.jsonl"):
+        for row in _read_jsonl(out / "reproduce.log.jsonl", appended=True):
             if row["event"] == "end":
                 wall[row["job"]] = wall.get(row["job"], 0.0) + row["sec"]
     runs, items = {}, {}  # items: method -> seed -> column -> {id: correct}
@@ -717,10 +801,16 @@ def _loss_figure(results, path):
 
 def report(out):
     """Write results.json, results.md (also printed), results.png and losses.png into `out` from its run
-    directories."""
+    directories. A GridError, and nothing written, when `out` is missing, holds no evaluated run, or holds a
+    damaged file (the module's docstring says which)."""
     out = Path(out)
+    if not out.is_dir():
+        raise GridError(f"{out}: {'not a directory' if out.exists() else 'no such directory'} (the grid's --out)")
     settings = {d.name: _setting_results(out, d) for d in sorted(p for p in out.iterdir() if p.is_dir())}
     results = {"dir": str(out), "n_boot": N_BOOT, "settings": {k: v for k, v in settings.items() if v["runs"]}}
+    if not results["settings"]:
+        raise GridError(f"{out} holds no evaluated run (no <setting>/<run>/eval_<set>_<mode>.jsonl with items): "
+                        "not a grid's --out, or a grid that has evaluated nothing yet")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = _markdown(results)
     (out / "results.md").write_text(md)
@@ -734,11 +824,11 @@ def parse_args(argv=None):
     """The grid's flags, or `report DIR` (then `report` is the directory, else None)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
-        p = argparse.ArgumentParser(prog="reproduce.py report", description="Rebuild the report of a grid.")
+        p = cli.Parser(prog="reproduce.py report", description="Rebuild the report of a grid.")
         p.add_argument("report", metavar="DIR", help="the grid's directory (its --out)")
         return p.parse_args(argv[1:])
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                epilog="python reproduce.py report DIR: rebuild the report from the run directories")
+    p = cli.Parser(description=__doc__.split("\n")[0],
+                   epilog="python reproduce.py report DIR: rebuild the report from the run directories")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every method (default: the preset's)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and run nothing")
@@ -748,20 +838,27 @@ def parse_args(argv=None):
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     args.report = None
-    args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     args.out = args.out or f"runs/reproduce-{args.preset}"
     return args
 
 
 def main(argv=None):
+    """The command line; a GridError is one `error:` line and exit status 2."""
     args = parse_args(argv)
-    if args.report:
-        report(args.report)
-        return 0
-    if args.dry_run:
-        print(dry_run(PRESETS[args.preset], args.out, args.jobs, args.seeds))
-        return 0
-    return run_grid(PRESETS[args.preset], args.out, args.jobs, args.seeds)
+    try:
+        if args.report:
+            report(args.report)
+            return 0
+        if args.dry_run:
+            print(dry_run(PRESETS[args.preset], args.out, args.jobs, args.seeds))
+            return 0
+        return run_grid(PRESETS[args.preset], args.out, args.jobs, args.seeds)
+    except GridError as e:
+        cli.fail(e)
 
 
 if __name__ == "__main__":

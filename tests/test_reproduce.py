@@ -1,7 +1,9 @@
 """Tests for reproduce.py and train.py's run.json: the statistics against hand-computed cases, every preset's
 dry-run prints commands that train.py's and eval.py's parsers accept, a two-method x two-seed grid on tiny models
 is stopped mid-run by SIGTERM and finished by the same command without redoing finished work, and the report's
-numbers equal a recount of the per-item files (the grid's, and a synthetic grid with known numbers)."""
+numbers equal a recount of the per-item files (the grid's, and a synthetic grid with known numbers). With fake
+commands: no command outlives its grid (killed by SIGKILL, or ended by an error). A mistake or a damaged directory
+is one `error:` line and exit status 2, or a warning and the rest of the report."""
 
 import hashlib
 import json
@@ -411,3 +413,252 @@ def test_report_of_a_synthetic_grid(tmp_path):
     m = s["methods"]["molsaki"]["svamp/answer"]
     assert f"| molsaki | 0,1,2 | {100 * m['mean']:.1f} ± {100 * m['sd']:.1f} (45.5) |" in md
     assert "abababababab"[:10] + " (changed)" in md and "2: 0.750, 1: 0.250" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The grid's commands never outlive it: fake train.py and eval.py that write their pid and wait.
+
+FAKE = """import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+def stop(signum, frame):
+    (out / "sigterm").write_text("")
+    time.sleep(0.5)  # as train.py saving its checkpoint
+    (out / "exited").write_text("")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+(out / "pid.tmp").write_text(str(os.getpid()))
+os.replace(out / "pid.tmp", out / "pid")
+time.sleep(float(os.environ.get("FAKE_SECONDS", "60")))
+sys.exit(int(os.environ.get("FAKE_STATUS", "0")))
+"""
+FAKE_DRIVER = ("import json, pathlib, sys, reproduce; reproduce.ROOT = pathlib.Path(sys.argv[3]); "
+               "sys.exit(reproduce.run_grid(json.loads(sys.argv[1]), sys.argv[2]))")
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """A folder with fake train.py and eval.py, to stand for reproduce.ROOT."""
+    root = tmp_path / "fake"
+    root.mkdir()
+    for script in ("train.py", "eval.py"):
+        (root / script).write_text(FAKE)
+    return root
+
+
+def fake_spec():
+    flags = ["--data", "builtin", "--rationales", "builtin", "--teacher", "t", "--student", "s"]
+    return {"settings": {"fake": {"flags": flags, "answer_sets": ["builtin"], "cot_sets": [], "paper": None}},
+            "methods": {"dss": {"flags": ["--method", "dss"], "seeds": [0]}}}
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie does not: its new parent may be slow to reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(condition, seconds=30):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def end(pid_file):
+    """Kill what a test left running (only on a failure)."""
+    if pid_file.exists() and alive(int(pid_file.read_text())):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@linux
+def test_commands_stop_when_the_grid_is_killed(fake_root, tmp_path):
+    """SIGKILL leaves the grid no time to forward anything: its running command still gets SIGTERM and exits."""
+    out, env = tmp_path / "grid", dict(os.environ, PYTHONPATH=str(ROOT))
+    pid_file = out / "fake" / "untrained-student" / "pid"
+    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER, json.dumps(fake_spec()), str(out), str(fake_root)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(pid_file.exists)
+        pid = int(pid_file.read_text())
+        driver.kill()
+        driver.wait(timeout=10)
+        assert wait_for(lambda: not alive(pid), 10), "the command outlived its grid"
+        assert (pid_file.parent / "sigterm").exists()
+    finally:
+        driver.kill()
+        end(pid_file)
+
+
+@linux
+def test_a_command_whose_grid_died_before_it_started_never_runs(tmp_path, monkeypatch):
+    """The parent-death signal is set in the child between fork and exec; when the grid died before that, no signal
+    will come, so the child checks its parent and exits before the command runs. Simulated with a parent pid that
+    no process has."""
+    marker = tmp_path / "ran"
+    cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    with monkeypatch.context() as m:
+        m.setattr(os, "getpid", lambda: -1)
+        orphan = reproduce._die_with_parent()
+    assert subprocess.Popen(cmd, preexec_fn=orphan).wait(timeout=10) == 1 and not marker.exists()
+    assert subprocess.Popen(cmd, preexec_fn=reproduce._die_with_parent()).wait(timeout=10) == 0 and marker.exists()
+
+
+def test_an_error_in_the_grid_ends_its_commands(fake_root, tmp_path, monkeypatch):
+    """An exception in the grid's loop while a command runs: the command gets SIGTERM, and the grid waits for it to
+    exit before the exception leaves run_grid."""
+    out = tmp_path / "grid"
+    d, real = out / "fake" / "untrained-student", reproduce.commands
+
+    def commands(job):
+        if job["name"] != "fake/untrained-student":
+            assert wait_for((d / "pid").exists)  # its SIGTERM handler is set
+            raise OSError("disk full")
+        return real(job)
+
+    monkeypatch.setattr(reproduce, "ROOT", fake_root)
+    monkeypatch.setattr(reproduce, "commands", commands)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            reproduce.run_grid(fake_spec(), out, jobs=2)
+        assert (d / "sigterm").exists() and (d / "exited").exists(), "run_grid returned before its command exited"
+    finally:
+        end(d / "pid")
+
+
+def test_a_grid_that_evaluated_nothing_has_no_report(fake_root, tmp_path, monkeypatch, capsys):
+    """Every command failed: the grid says why there is no report and keeps its exit status."""
+    out = tmp_path / "grid"
+    monkeypatch.setattr(reproduce, "ROOT", fake_root)
+    monkeypatch.setenv("FAKE_SECONDS", "0")
+    monkeypatch.setenv("FAKE_STATUS", "1")
+    assert reproduce.run_grid(fake_spec(), out, jobs=3) == 1
+    printed = capsys.readouterr().out
+    assert f"no report: {out} holds no evaluated run" in printed and "failed: fake/untrained-student" in printed
+    assert not (out / "results.md").exists() and not (out / "results.json").exists()
+
+
+def test_a_grid_killed_mid_row_appends_after_whole_rows(fake_root, tmp_path, monkeypatch, capsys):
+    """The driver was killed while writing a row of reproduce.log.jsonl: the next grid drops the cut row first,
+    so the log it appends to stays one JSON object a line."""
+    out = tmp_path / "grid"
+    out.mkdir()
+    (out / "reproduce.log.jsonl").write_text('{"time": 1.0, "event": "start"}\n{"time": 2.0, "ev')
+    monkeypatch.setattr(reproduce, "ROOT", fake_root)
+    monkeypatch.setenv("FAKE_SECONDS", "0")
+    monkeypatch.setenv("FAKE_STATUS", "1")
+    reproduce.run_grid(fake_spec(), out, jobs=3)
+    rows = [json.loads(line) for line in (out / "reproduce.log.jsonl").read_text().splitlines()]
+    assert rows[0] == {"time": 1.0, "event": "start"} and all(r["event"] in ("start", "end") for r in rows[1:])
+    assert len(rows) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Mistakes and damage: one `error:` line and exit status 2, or a warning and the rest of the report.
+
+
+def one_line_error(capsys, argv, expect):
+    """reproduce.main(argv) exits with status 2 and prints exactly one line, `error: ...` containing `expect`."""
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
+
+
+def small_grid(root):
+    """One setting, runs dss-s0 and molsaki-s0: four svamp items each, run.json, three steps in log.jsonl."""
+    for run, correct in {"dss-s0": [1, 0, 1, 1], "molsaki-s0": [1, 1, 1, 0]}.items():
+        d = root / "setting" / run
+        d.mkdir(parents=True)
+        (d / "eval_svamp_answer.jsonl").write_text(
+            "".join(json.dumps({"id": i, "correct": bool(c)}) + "\n" for i, c in enumerate(correct)))
+        (d / "run.json").write_text(json.dumps({"commit": None, "device": "cpu"}))
+        (d / "log.jsonl").write_text("".join(json.dumps({"step": s, "sec": 1.0, "pre": 1.0}) + "\n" for s in (1, 2, 3)))
+    return root / "setting"
+
+
+def missing_dir(root):
+    return root / "nosuch", f"{root / 'nosuch'}: no such directory"
+
+
+def no_runs(root):
+    (root / "setting" / "dss-s0").mkdir(parents=True)  # a grid that has started, and evaluated nothing yet
+    return root, f"{root} holds no evaluated run"
+
+
+def bad_run_json(root):
+    path = small_grid(root) / "dss-s0" / "run.json"
+    path.write_text('{"commit": "ab')
+    return root, f"{path}: not valid JSON"
+
+
+def bad_log_line(root):
+    path = small_grid(root) / "molsaki-s0" / "log.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:9], lines[2]]) + "\n")  # a line cut, then more lines
+    return root, f"{path}, line 2: not valid JSON"
+
+
+def cut_eval_file(root):
+    path = small_grid(root) / "dss-s0" / "eval_svamp_answer.jsonl"
+    path.write_text(path.read_text()[:-5])  # eval.py renames whole files into place: no kill cuts one
+    return root, f"{path}, line 4: not valid JSON"
+
+
+@pytest.mark.parametrize("case", [missing_dir, no_runs, bad_run_json, bad_log_line, cut_eval_file])
+def test_report_refuses_with_one_line(case, tmp_path, capsys):
+    target, expect = case(tmp_path)
+    one_line_error(capsys, ["report", str(target)], expect)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.md").exists()
+
+
+def test_report_drops_a_cut_last_line_of_the_logs(tmp_path):
+    """log.jsonl and reproduce.log.jsonl grow line by line: a kill can cut the last line, which is left out."""
+    grid = small_grid(tmp_path)
+    log = grid / "molsaki-s0" / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "se')
+    (tmp_path / "reproduce.log.jsonl").write_text(
+        json.dumps({"event": "end", "job": "setting/molsaki-s0", "rc": 0, "sec": 5.0}) + '\n{"event": "en')
+    run = reproduce.report(tmp_path)["settings"]["setting"]["runs"]["molsaki-s0"]
+    assert (run["steps"], run["train_s"], run["wall_s"]) == (3, 3.0, 5.0)
+    assert log.read_text().endswith('{"step": 4, "se')  # the report only reads the run directories
+
+
+def test_report_skips_an_empty_eval_file(tmp_path, capsys):
+    """An empty eval file: a warning naming it, and that run has no result there; the rest is reported."""
+    grid = small_grid(tmp_path)
+    (grid / "dss-s0" / "eval_gsm8k_answer.jsonl").write_text('{"id": 0, "correct": true}\n')
+    empty = grid / "molsaki-s0" / "eval_gsm8k_answer.jsonl"
+    empty.write_text("")
+    s = reproduce.report(tmp_path)["settings"]["setting"]
+    assert f"warning: {empty} is empty" in capsys.readouterr().err
+    assert s["columns"] == ["svamp/answer", "gsm8k/answer"]
+    assert set(s["runs"]["molsaki-s0"]["accuracy"]) == {"svamp/answer"} and set(s["methods"]["molsaki"]) == {
+        "svamp/answer"}
+    assert s["runs"]["dss-s0"]["accuracy"]["gsm8k/answer"]["acc"] == 1.0
+    assert s["methods"]["molsaki"]["svamp/answer"]["vs_dss"]["diff"] == pytest.approx(0.0)  # 3 of 4 each
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--preset", "nosuch"], "invalid choice: 'nosuch'"),
+    (["--preset", "small", "--seeds", "0,x", "--dry-run"], "--seeds: expected comma-separated integers"),
+    (["--preset", "small", "--jobs", "0"], "--jobs must be at least 1"),
+    (["report"], "the following arguments are required: DIR"),
+])
+def test_command_line_mistakes_are_one_line(argv, expect, capsys):
+    one_line_error(capsys, argv, expect)
+
+
+def test_a_run_directory_the_grid_cannot_use_is_one_line(tmp_path, capsys):
+    job = next(j for j in reproduce.grid(reproduce.PRESETS["small"], tmp_path) if j["name"].endswith("/dss-s0"))
+    job["dir"].mkdir(parents=True)
+    (job["dir"] / "run.json").write_text(json.dumps({"argv": ["train.py", "--max-steps", "7"]}))
+    argv = ["--preset", "small", "--dry-run", "--out", str(tmp_path)]
+    one_line_error(capsys, argv, "run directories made by another command (choose another --out)")
+    (job["dir"] / "run.json").write_text("{")
+    one_line_error(capsys, argv, f"{job['dir'] / 'run.json'}: not valid JSON")
