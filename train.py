@@ -13,7 +13,11 @@ pass also yields the student's stepwise attention and value states (attention.ca
 forward. Several processes (torchrun): the student in torch's DistributedDataParallel, the router's gradients
 averaged in one flattened all-reduce.
 
-Every (re)start writes `run.json` (command, flags, versions, commit, data checksums, device) into --out.
+The run directory (rundir.py) holds one run: a lock keeps a second process out, a checkpoint is only continued
+with --resume and the same training flags, and Ctrl-C or SIGTERM ends the step in progress, saves it and exits
+(130 or 143); outside the loop (teacher stage, evaluation) they stop at once, keeping what has finished. Every
+(re)start writes `run.json` (command, flags, versions, commit, data checksums, device) into --out, once the checks
+have passed.
 
 Public functions: `parse_args`, `check_inputs`, `training_examples`, `teacher_cache`, `features`, `collate`,
 `step_losses`, `write_run_info`, `train`, `main`.
@@ -22,9 +26,9 @@ Public functions: `parse_args`, `check_inputs`, `training_examples`, `teacher_ca
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,10 +50,10 @@ import losses
 import models
 import mol
 import problems
+import rundir
 import spans
 
 METHODS = ("vanilla", "dss", "mmi", "molsaki")
-CHECKPOINTS = ("checkpoint", "checkpoint.old")  # where --resume looks; .old: a crash between the two renames
 DATA_SETS = ("builtin", "svamp", "gsm8k", "csqa")  # --data names; anything else is a file of problems
 EVAL_SETS = {"builtin": "builtin", "math": "svamp,singleeq,asdiv,gsm8k", "csqa": "csqa"}  # per task (SPEC §8)
 
@@ -91,7 +95,9 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="model init of the router and data order")
     a("--max-length", type=int, default=512, help="tokens per text (student and teacher)")
     a("--save-every", type=int, default=500, help="checkpoint every K steps (and at the end)")
-    a("--resume", action="store_true", help="continue from --out/checkpoint")
+    a("--resume", action="store_true", help="continue from --out/checkpoint, with the run's own training flags")
+    a("--overwrite", action="store_true", help="start again in an --out that holds a run: its checkpoint, log "
+      "and results are removed (its teacher-stage files are kept)")
     a("--teacher-batch-size", type=int, default=8, help="batch of the teacher's generation and attention pass")
     a("--eval-sets", default=None,
       help="comma-separated names or files, '' for none; None = the training task's sets (EVAL_SETS)")
@@ -131,7 +137,10 @@ def parse_args(argv=None):
 def _flag_problem(args) -> str | None:
     """What is wrong with the flags alone (before any file is read or model loaded), or None."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    numbers = {"--alpha": args.alpha, "--beta": args.beta, "--tau1": args.tau1, "--tau2": args.tau2, "--lr": args.lr,
+               "--weight-decay": args.weight_decay, "--max-grad-norm": args.max_grad_norm}
     checks = [
+        *((not math.isfinite(v), f"{k} must be a finite number, got {v}") for k, v in numbers.items()),
         (args.rationales == "builtin" and args.data != "builtin", "--rationales builtin needs --data builtin"),
         (args.rationales == "palm" and args.data not in ("svamp", "csqa"),
          f"--rationales palm: PaLM rationales exist for --data svamp and csqa only, not {args.data!r}"),
@@ -144,12 +153,14 @@ def _flag_problem(args) -> str | None:
         (args.beta < 0, f"--beta must not be negative, got {args.beta}"),
         (args.tau1 <= 0 or args.tau2 <= 0, f"--tau1 and --tau2 must be positive, got {args.tau1}, {args.tau2}"),
         (args.lr <= 0, f"--lr must be positive, got {args.lr}"),
+        (args.weight_decay < 0, f"--weight-decay must not be negative, got {args.weight_decay}"),
+        (args.max_grad_norm <= 0, f"--max-grad-norm must be positive, got {args.max_grad_norm}"),
+        (not args.delimiters, "--delimiters must name at least one character that ends a step"),
         (args.warmup < 0, f"--warmup must not be negative, got {args.warmup}"),
         (min(args.save_every, args.teacher_batch_size, args.eval_batch_size, args.n_train, args.max_length) < 1,
          "--save-every, --teacher-batch-size, --eval-batch-size, --n-train and --max-length must be at least 1"),
         (args.layer_map is not None and args.method != "molsaki", "--layer-map needs --method molsaki"),
-        (args.resume and not any((args.out / n / "trainer_state.pt").is_file() for n in CHECKPOINTS),
-         f"--resume: no checkpoint in {args.out} (train without --resume, or pass the run's --out)"),
+        (args.resume and args.overwrite, "--resume continues the run in --out, --overwrite starts it again: pass one"),
     ]
     for bad, message in checks:
         if bad:
@@ -171,25 +182,29 @@ def _set_names(args) -> list[str]:
     return list(dict.fromkeys([args.data, *filter(None, args.eval_sets.split(","))]))
 
 
-def check_inputs(args) -> None:
-    """What the flags alone cannot show, checked before the teacher pass: the models' configs (a name that is
-    neither a folder, a packaged model nor a reachable hub id), --layer-map's range, and the data (fetched now,
-    so that a missing file stops the run before it starts). A problem is one line (cli.fail)."""
+def check_inputs(args) -> dict | None:
+    """What the flags alone cannot show, cheapest first, before any model is converted or loaded: the data (fetched
+    now and checked by its SHA-256, or a file of problems read whole), the run directory (rundir.start: a
+    checkpoint without --resume, or --resume with other training flags), then the models' configs (a name that is
+    neither a folder, a packaged model nor a reachable hub id; a folder without tokenizer or with damaged weights)
+    and --layer-map's range. Returns the trainer state to resume from (or None); a problem is one line (cli.fail)."""
     try:
-        student = models.load_config(str(_checkpoint_dir(args)) if args.resume else args.student)
-        if args.method == "molsaki" or (args.rationales == "teacher" and args.method != "vanilla"):
-            teacher = models.load_config(args.teacher)
-            if args.layer_map:
-                mol.parse_layer_map(args.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
         names = _set_names(args)
         if any(name in data.SPLITS for name in names):
             root = fetch.resolve_data_dir(args.data_dir)
             for name in (n for n in names if n in data.SPLITS):
-                fetch.ensure_files(root, fetch.files_of(name))  # checked by their SHA-256 as they are fetched
+                fetch.ensure_files(root, fetch.files_of(name))
         for name in (n for n in names if n not in data.SPLITS and n != "builtin"):
             data.load_file(name)  # a file of problems: every record read now
+        state = rundir.start(args)  # every process: each loads the state it resumes from
+        student = models.load_config(str(rundir.checkpoint_dir(args.out)) if args.resume else args.student)
+        if args.method == "molsaki" or (args.rationales == "teacher" and args.method != "vanilla"):
+            teacher = models.load_config(args.teacher)
+            if args.layer_map:
+                mol.parse_layer_map(args.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
     except (ValueError, FileNotFoundError, fetch.DataUnavailable) as e:
         cli.fail(e)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,39 +449,6 @@ def batch_indices(step, n, batch_size, seed):
     return out
 
 
-def _open_log(path, step):
-    """The step log, for appending after `step`: rows of later steps (a crash after the checkpoint, or an
-    earlier run in the same --out when starting over) are dropped."""
-    rows = path.read_text().splitlines() if path.exists() else []
-    kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in kept))
-    return open(path, "a")
-
-
-def save_checkpoint(args, step, student, tok, router, opt, sched):
-    """Write --out/checkpoint atomically: a crash mid-write leaves the previous one intact."""
-    final, tmp, old = args.out / "checkpoint", args.out / "checkpoint.tmp", args.out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save({"router": router.state_dict() if router else None, "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "step": step, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "args": {k: str(v) for k, v in vars(args).items()}}, tmp / "trainer_state.pt")
-    if final.exists():  # a complete checkpoint: an .old left by an earlier crash is stale
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _checkpoint_dir(args):
-    for name in CHECKPOINTS:
-        if (args.out / name / "trainer_state.pt").exists():
-            return args.out / name
-    raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
-
-
 def _data_files(args) -> dict[str, str]:
     """SHA-256 of the data files of this run's training and test sets (`fetch.files_of`, as found in the data
     directory, where check_inputs fetched them) and of any file of problems it names."""
@@ -510,24 +492,42 @@ def write_run_info(args):
 
 
 def train(args):
-    """Run every stage that is not done yet; returns the final step's logged losses."""
+    """Run every stage that is not done yet, then the evaluation; returns the final step's logged losses. Holds
+    --out's lock throughout (rank 0)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = _device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # collectives on objects use the current device
     torch.manual_seed(args.seed)
-    check_inputs(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if _rank() == 0:
-        write_run_info(args)
-    examples = training_examples(args)
-    if not examples:
-        raise ValueError("no training examples with a rationale")
-    cache = teacher_cache(args, examples) if args.method == "molsaki" else None
+    held = contextlib.ExitStack()
+    try:
+        if _rank() == 0:
+            held.enter_context(rundir.lock(args.out))
+    except ValueError as e:
+        cli.fail(e)
+    with held:
+        state = check_inputs(args)
+        if _rank() == 0:
+            write_run_info(args)
+        row = _train(args, state, device)
+        if _rank() == 0 and args.eval_sets:
+            eval_.run(args.out / "checkpoint", args.eval_sets.split(","), args.data_dir,
+                      batch_size=args.eval_batch_size, out=args.out)
+    return row
+
+
+def _train(args, state, device):
+    try:
+        examples = training_examples(args)
+        if not examples:
+            raise ValueError(f"no training example has a rationale ({args.rationales}): see the counts above")
+        cache = teacher_cache(args, examples) if args.method == "molsaki" else None
+    except ValueError as e:
+        cli.fail(e)
     _TEACHER.clear()  # the teacher is not needed from here on
 
-    source = _checkpoint_dir(args) if args.resume else args.student
+    source = rundir.checkpoint_dir(args.out) if state else args.student
     attn = attention.ATTN if args.method == "molsaki" else "sdpa"
     student, tok = models.load_model(str(source), attn_implementation=attn)
     student.to(device).train()
@@ -543,14 +543,13 @@ def train(args):
         opt, lambda s: min((s + 1) / max(1, args.warmup),
                            max(0.0, (args.max_steps - s) / max(1, args.max_steps - args.warmup))))
     step = 0
-    if args.resume:
-        state = torch.load(source / "trainer_state.pt", weights_only=False)
+    if state:
         if router:
             saved = set(state["router"] or {})
             if saved != set(router.state_dict()):
-                raise ValueError(f"--resume: the router in {source} has parameters {sorted(saved)}, this code's "
-                                 f"router {sorted(router.state_dict())} (Eq. 5 now has one bias per layer); "
-                                 "start the run again in a new --out")
+                cli.fail(f"--resume: the router in {source} has parameters {sorted(saved)}, this code's router "
+                         f"{sorted(router.state_dict())} (Eq. 5 now has one bias per layer); start the run again "
+                         "with --overwrite")
             router.load_state_dict(state["router"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -559,64 +558,108 @@ def train(args):
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         print(f"[train] resumed from {source} at step {step}")
+    del state
 
     micro = args.batch_size // (world * args.grad_accum)
-    log = _open_log(args.out / "log.jsonl", step) if rank == 0 else None
+    log = rundir.open_log(args.out / "log.jsonl", step) if rank == 0 else None
     bar = tqdm(total=args.max_steps, initial=step, desc=args.method, disable=rank != 0)
-    row = {}
+    row, saved = {}, step
     try:
-        while step < args.max_steps:
-            idx = batch_indices(step, len(feats), args.batch_size, args.seed)
-            mine = idx[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
-            sums = {}
-            t0 = time.time()
-            for m in range(args.grad_accum):  # DDP reduces the student's gradients in the last backward
-                fb = [feats[i] for i in mine[m * micro:(m + 1) * micro]]
-                out = step_losses(args, model, router, collate(fb, tok.pad_token_id), fb, device,
-                                  scale=1.0 / args.grad_accum, sync=m == args.grad_accum - 1)
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0) + v.float() / args.grad_accum
-            if world > 1:
-                _average(([p.grad for p in router.parameters()] if router else []) + list(sums.values()), world)
-            if not torch.isfinite(sums["loss"]):  # after the all-reduce, so every process stops
-                ids = [feats[i]["id"] for i in idx]
-                raise FloatingPointError(f"non-finite loss at step {step + 1}, batch ids {ids}; "
-                                         f"the last good checkpoint is in {args.out}")
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            row = {"step": step, "lr": sched.get_last_lr()[0], "sec": round(time.time() - t0, 3)}
-            row.update({k: (v.tolist() if v.dim() else v.item()) for k, v in sums.items()})
-            if cache is not None:
-                row["p_t"] = torch.stack([feats[i]["p_t"] for i in idx]).mean(0).tolist()  # the global batch
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "pre", "exp", "att", "mmi") if k in row})
-            if rank == 0 and (step % args.save_every == 0 or step == args.max_steps):
-                save_checkpoint(args, step, student, tok, router, opt, sched)
-    except KeyboardInterrupt:
-        if rank == 0:
-            save_checkpoint(args, step, student, tok, router, opt, sched)
-            print(f"\n[train] interrupted: saved step {step} to {args.out / 'checkpoint'}; continue with --resume")
-        raise SystemExit(130) from None
+        with _stop_at_step_end():
+            while step < args.max_steps and not _STOP:
+                idx = batch_indices(step, len(feats), args.batch_size, args.seed)
+                mine = idx[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
+                sums = {}
+                t0 = time.time()
+                for m in range(args.grad_accum):  # DDP reduces the student's gradients in the last backward
+                    fb = [feats[i] for i in mine[m * micro:(m + 1) * micro]]
+                    out = step_losses(args, model, router, collate(fb, tok.pad_token_id), fb, device,
+                                      scale=1.0 / args.grad_accum, sync=m == args.grad_accum - 1)
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0) + v.float() / args.grad_accum
+                if world > 1:  # with the stop flag: every process stops after the same step
+                    sums["stop"] = torch.tensor(float(bool(_STOP)), device=device)
+                    _average(([p.grad for p in router.parameters()] if router else []) + list(sums.values()), world)
+                    if sums.pop("stop") > 0 and not _STOP:
+                        _STOP.append(signal.SIGTERM)
+                if not torch.isfinite(sums["loss"]):  # after the all-reduce, so every process stops
+                    ids = [feats[i]["id"] for i in idx]
+                    last = rundir.checkpoint_dir(args.out)
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}, batch ids {ids}; " + (
+                        f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"))
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                row = {"step": step, "lr": sched.get_last_lr()[0], "sec": round(time.time() - t0, 3)}
+                row.update({k: (v.tolist() if v.dim() else v.item()) for k, v in sums.items()})
+                if cache is not None:
+                    row["p_t"] = torch.stack([feats[i]["p_t"] for i in idx]).mean(0).tolist()  # the global batch
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "pre", "exp", "att", "mmi") if k in row})
+                if rank == 0 and (step % args.save_every == 0 or step == args.max_steps or _STOP):
+                    rundir.save_checkpoint(args, step, student, tok, router, opt, sched)
+                    saved = step
     finally:
         bar.close()
         if log:
             log.close()
+    if _STOP:
+        if rank == 0:
+            print(f"\n[train] stopped: step {saved} is saved in {args.out / 'checkpoint'}; the same command with "
+                  "--resume continues it")
+        raise KeyboardInterrupt
     return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: SIGINT (Ctrl-C) and SIGTERM stop a run where nothing is lost, with status 130 or 143.
+
+_STOP = []  # the signals received
+
+
+def _interrupt(signum, frame):
+    """Outside the training loop a signal stops at once: the stage in progress keeps what it has written."""
+    _STOP.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_at_step_end():
+    """Within the loop a signal only asks to stop: the step in progress ends (update, schedule, log row), its
+    checkpoint is saved, then the run stops. A second signal stops at once (the last checkpoint stays)."""
+    def ask(signum, frame):
+        _STOP.append(signum)
+        if len(_STOP) > 1:
+            raise KeyboardInterrupt
+        print("\n[train] stopping after this step (a second Ctrl-C stops now, losing the step)", file=sys.stderr)
+
+    old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves like Ctrl-C
-    row = train(args)
-    if _rank() == 0 and args.eval_sets:
-        eval_.run(args.out / "checkpoint", args.eval_sets.split(","), args.data_dir, batch_size=args.eval_batch_size,
-                  out=args.out)
+    _STOP.clear()
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        row = train(args)
+    except KeyboardInterrupt:
+        signum = _STOP[0] if _STOP else signal.SIGINT
+        print(f"[train] interrupted by {signal.Signals(signum).name}; what finished is kept in {args.out}, and the "
+              "same command continues it (with --resume once a checkpoint is there)", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
     if dist.is_initialized():
         dist.destroy_process_group()
     print(f"[train] run directory: {args.out}")

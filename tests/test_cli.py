@@ -3,6 +3,7 @@
 alone show it (layer ranges right after the two configs are read). A few cases run as real processes."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,11 +30,15 @@ def one_line_error(capsys, main, argv, expect):
 
 
 @pytest.fixture
-def no_model_loads(monkeypatch):
+def no_model_loads(monkeypatch, tmp_path_factory):
+    """As on a new machine: an empty model cache (the packaged models would be converted first), and neither a
+    conversion nor a model load may happen before the flags and files are checked."""
     def refuse(*args, **kwargs):
-        raise AssertionError("no model may load before the flags are checked")
+        raise AssertionError("no model may be converted or loaded before the flags and files are checked")
 
+    monkeypatch.setenv("MOLSAKI_CACHE", str(tmp_path_factory.mktemp("empty-model-cache")))
     monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(models, "_convert", refuse)
 
 
 @pytest.fixture
@@ -59,6 +64,13 @@ FLAG_CASES = [  # (argv, what the line says): the flags alone show it
     (["--method", "bogus"], "invalid choice: 'bogus'"),
     (["--nope"], "unrecognized arguments: --nope"),
     (["--max-steps", "x"], "invalid int value: 'x'"),
+    *(([flag, "nan"], f"{flag} must be a finite number, got nan")
+      for flag in ("--lr", "--alpha", "--beta", "--tau1", "--tau2", "--weight-decay", "--max-grad-norm")),
+    (["--weight-decay", "-1"], "--weight-decay must not be negative, got -1.0"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be positive, got -1.0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be positive, got 0.0"),
+    (["--delimiters", ""], "--delimiters must name at least one character"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite starts it again: pass one"),
 ]
 
 
@@ -73,7 +85,7 @@ def test_train_resume_without_checkpoint(capsys, no_model_loads, tmp_path):
 
 def test_train_bad_data_file(capsys, no_model_loads, bad_file, tmp_path):
     one_line_error(capsys, train.main, ["--data", str(bad_file), "--out", str(tmp_path)],
-                   f"{bad_file}, line 2: malformed record (ValueError: could not convert string to float: 'three')")
+                   f"{bad_file}, line 2: malformed record")
     one_line_error(capsys, train.main, ["--eval-sets", str(bad_file), "--data", "builtin", "--out", str(tmp_path),
                                         "--method", "dss"], "line 2: malformed record")
 
@@ -148,3 +160,28 @@ def test_train_data_missing_and_not_fetchable(capsys, no_model_loads, tiny_stude
                                         tiny_student_dir, "--data-dir", str(empty), "--out", str(tmp_path / "run")],
                    "python fetch.py svamp --data-dir")
     assert not any(p.is_file() for p in empty.rglob("*"))  # nothing half-written
+
+
+def stops_with_error(capsys, argv, expect):
+    """train.main(argv), past its progress bars, exits 2 with an `error:` line containing `expect`, no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: ") and expect in err.strip().splitlines()[-1], err
+
+
+def test_train_stage_problems_are_one_line(capsys, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    """Found once the teacher stage runs: no item kept a rationale, and a teacher cache built for another run."""
+    problems = tmp_path / "hard.jsonl"  # the tiny random teacher answers none of them: no rationale is kept
+    problems.write_text("".join(f'{{"question": "What is {k} times 7919?", "answer": {7919 * k}}}\n' for k in (3, 5)))
+    common = ["--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--eval-sets", "", "--max-steps", "1",
+              "--batch-size", "2"]
+    stops_with_error(capsys, [*common, "--data", str(problems), "--out", str(tmp_path / "a")],
+                   "no training example has a rationale (teacher)")
+    train.main([*common, "--n-train", "2", "--out", str(tmp_path / "b")])
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "b" / "teacher_cache.pt", tmp_path / "c")
+    capsys.readouterr()
+    stops_with_error(capsys, [*common, "--n-train", "2", "--delimiters", ".!", "--out", str(tmp_path / "c")],
+                   "teacher_cache.pt was built for another run (differs in: delimiters)")

@@ -27,14 +27,6 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _keep_sigterm():
-    """train.main turns SIGTERM into KeyboardInterrupt; give pytest its own handler back."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
 def argv(teacher, student, out, method, *extra, steps=30, lr=3e-3):
     return ["--teacher", teacher, "--student", student, "--data", "builtin", "--n-train", "16",
             "--batch-size", "4", "--max-steps", str(steps), "--lr", str(lr), "--eval-sets", "",
@@ -146,39 +138,20 @@ def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Resume: Ctrl-C at the start of step 5, then --resume, gives the losses of an uninterrupted run.
+# 3. Stopping: SIGTERM while a step runs stops the run once that step is saved (tests/test_rundir.py has the
+#    signal at every point of a step, and the resumed run equal to an uninterrupted one).
 
 
-def test_resume_matches_uninterrupted(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
-    a, b = tmp_path / "a", tmp_path / "b"
-    train.main(argv(tiny_teacher_dir, tiny_student_dir, a, "molsaki", "--save-every", "4", steps=8))
-
+def stop_in_step(monkeypatch, step):
+    """SIGTERM to this process at the start of training step `step` (1-based)."""
     batch_indices = train.batch_indices
 
-    def interrupt_at_step_5(step, *rest):
-        if step == 4:
-            raise KeyboardInterrupt
-        return batch_indices(step, *rest)
+    def hooked(s, *rest):
+        if s == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch_indices(s, *rest)
 
-    monkeypatch.setattr(train, "batch_indices", interrupt_at_step_5)
-    # --save-every 3: step 4 reaches the disk only through the Ctrl-C save.
-    with pytest.raises(SystemExit) as stop:
-        train.main(argv(tiny_teacher_dir, tiny_student_dir, b, "molsaki", "--save-every", "3", steps=8))
-    assert stop.value.code == 130 and state(b)["step"] == 4
-    assert [r["step"] for r in read_log(b)] == [1, 2, 3, 4]
-    monkeypatch.setattr(train, "batch_indices", batch_indices)
-    train.main(argv(tiny_teacher_dir, tiny_student_dir, b, "molsaki", "--save-every", "3", "--resume", steps=8))
-
-    rows_a, rows_b = read_log(a), read_log(b)
-    assert [r["step"] for r in rows_b] == list(range(1, 9))
-    for ra, rb in zip(rows_a, rows_b, strict=True):
-        fa, fb = flat(ra), flat(rb)
-        assert fa.keys() == fb.keys()
-        assert all(abs(fa[k] - fb[k]) <= 1e-6 for k in fa), (ra, rb)
-    wa, wb = load_file(a / "checkpoint" / "model.safetensors"), load_file(b / "checkpoint" / "model.safetensors")
-    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
-    ra, rb = state(a)["router"], state(b)["router"]
-    assert all(torch.allclose(ra[k], rb[k], rtol=0, atol=1e-6) for k in ra)
+    monkeypatch.setattr(train, "batch_indices", hooked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,34 +173,49 @@ def test_nan_loss_stops_at_last_good_checkpoint(tiny_teacher_dir, tiny_student_d
     assert "step 3" in str(err.value) and str(ids) in str(err.value)
     assert state(tmp_path)["step"] == 2 and checkpoints(tmp_path) == ["checkpoint"]
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    assert f"the last good checkpoint is {tmp_path / 'checkpoint'}" in str(err.value)
+
+
+def test_nan_loss_at_step_1_says_no_checkpoint_was_saved(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    total_loss = losses.total_loss
+    monkeypatch.setattr(losses, "total_loss", lambda *a, **k: total_loss(*a, **k) * float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1, .*; no checkpoint was saved before it"):
+        train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "dss", steps=3))
+    assert checkpoints(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------
 # 5. Atomic checkpoints: one folder after a save; a crash between the two renames is recoverable.
 
 
-def test_atomic_checkpoint_and_old_fallback(tiny_teacher_dir, tiny_student_dir, tmp_path):
+def test_atomic_checkpoint_and_old_fallback(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
-    def run(steps, *extra):
-        train.main(argv(tiny_teacher_dir, tiny_student_dir, out, "dss", "--save-every", "1", *extra, steps=steps))
+    def run(*extra, stop_in=None):
+        cmd = argv(tiny_teacher_dir, tiny_student_dir, out, "dss", "--save-every", "1", *extra, steps=4)
+        if stop_in is None:
+            return train.main(cmd)
+        stop_in_step(monkeypatch, stop_in)
+        with pytest.raises(SystemExit) as stop:
+            train.main(cmd)
+        monkeypatch.undo()
+        assert stop.value.code == 143
 
-    run(2)
-    assert checkpoints(out) == ["checkpoint"] and state(out)["step"] == 2
-    shutil.copytree(out / "checkpoint", tmp_path / "step2")
+    run(stop_in=3)  # stops once step 3 is saved
+    assert checkpoints(out) == ["checkpoint"] and state(out)["step"] == 3
+    shutil.copytree(out / "checkpoint", tmp_path / "step3")
     # Crash after `checkpoint` became `.old`, with a half-written `.tmp`: resume uses `.old`.
     os.replace(out / "checkpoint", out / "checkpoint.old")
     (out / "checkpoint.tmp").mkdir()
     (out / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half")
-    run(3, "--resume")
-    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
-    assert checkpoints(out) == ["checkpoint"] and state(out)["step"] == 3
-    # Crash after the new `checkpoint` was in place but before `.old` was removed: resume uses the new one,
-    # and the next save replaces the stale `.old`.
-    shutil.copytree(tmp_path / "step2", out / "checkpoint.old")
-    run(4, "--resume")
+    run("--resume", stop_in=4)
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     assert checkpoints(out) == ["checkpoint"] and state(out)["step"] == 4
+    # Crash after the new `checkpoint` was in place but before `.old` was removed: resume uses the new one
+    # (step 4: nothing left to train), and a stale `.old` never shadows it.
+    shutil.copytree(tmp_path / "step3", out / "checkpoint.old")
+    run("--resume")
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4] and state(out)["step"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,20 +255,21 @@ def test_two_processes_match_one(tiny_teacher_dir, tiny_student_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. The step log holds one row per step: a fresh run in the same --out starts it over, and --resume
-#    drops rows written after the checkpoint it resumes from.
+# 7. The step log holds one row per step: --resume drops rows written after the checkpoint it resumes from.
 
 
-def test_log_rows_match_the_training_that_happened(tiny_teacher_dir, tiny_student_dir, tmp_path):
-    args = argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "dss", "--save-every", "2", steps=4)
-    train.main(args)
-    train.main(args)  # asked again: trains again, the log is not doubled
-    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+def test_log_rows_match_the_training_that_happened(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    cmd = argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "dss", "--save-every", "2", steps=4)
+    stop_in_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        train.main(cmd)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3] and state(tmp_path)["step"] == 3
     with open(tmp_path / "log.jsonl", "a") as f:  # a crash after a row the checkpoint never saw
-        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
-    train.main([*args, "--resume", "--max-steps", "6"])
-    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
-    assert read_log(tmp_path)[4]["loss"] != 0.0
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    train.main([*cmd, "--resume"])
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    assert read_log(tmp_path)[3]["loss"] != 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +295,7 @@ def test_optimizer_has_no_weight_decay_and_decays_linearly(tiny_teacher_dir, tin
     assert [r["lr"] for r in read_log(tmp_path)] == pytest.approx([3e-3 * (4 - s) / 4 for s in (1, 2, 3, 4)])
 
 
-def test_resume_refuses_a_router_without_per_layer_bias(tiny_teacher_dir, tiny_student_dir, tmp_path):
+def test_resume_refuses_a_router_without_per_layer_bias(tiny_teacher_dir, tiny_student_dir, tmp_path, capsys):
     """A checkpoint whose router has the old keys (nn.Linear(d, 1) with its scalar bias) is a clear error."""
     train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "molsaki", steps=2))
     path = tmp_path / "checkpoint" / "trainer_state.pt"
@@ -316,8 +305,9 @@ def test_resume_refuses_a_router_without_per_layer_bias(tiny_teacher_dir, tiny_s
     saved["router"] = {"norm.weight": router["norm.weight"], "proj.weight": router["proj.weight"],
                        "proj.bias": torch.zeros(1)}
     torch.save(saved, path)
-    with pytest.raises(ValueError, match="one bias per layer"):
-        train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "molsaki", "--resume", steps=3))
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv(tiny_teacher_dir, tiny_student_dir, tmp_path, "molsaki", "--resume", steps=2))
+    assert stop.value.code == 2 and "one bias per layer" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
