@@ -17,15 +17,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import attention
-import bench
 import mol
 import train
+from experiments import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--quick", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for title in ("## Training step", "## The capture alone", "## Teacher side", "## FLOPs", "## Targets"):
@@ -230,7 +230,7 @@ def test_pin_malloc_keeps_freed_memory():
     """After pin_malloc, 2.5 GB malloc'd, written and freed stay in the process (used again without page faults);
     with glibc's defaults they go back to the OS at once (the oracle that the RSS meter sees the difference).
     2.5 GB: above the largest positive trim threshold mallopt takes, which still handed them back."""
-    code = ("import ctypes, ctypes.util, sys, bench\n"
+    code = ("import ctypes, ctypes.util, sys\nfrom experiments import bench\n"
             "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
             "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
             "libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]\n"

@@ -1,5 +1,5 @@
-"""The README and the pages it links (docs/) are the user's manual: every command they show parses with the
-script's own argument parser, the flag table of train.py lists exactly the flags train.py has, every flag they
+"""The README and the pages it links (docs/, experiments/) are the user's manual: every command they show parses
+with the script's own argument parser, the flag table of train.py lists exactly the flags train.py has, every flag they
 name exists, every file they link exists, and the make targets they name exist."""
 
 import contextlib
@@ -10,21 +10,19 @@ from pathlib import Path
 
 import pytest
 
-import bench
 import eval as eval_
 import fetch
-import plots
-import reproduce
 import train
 import walkthrough
+from experiments import bench, plots, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "experiments").glob("*.md"))]
 README = "\n".join(p.read_text() for p in PAGES)  # the manual: the README and its pages
 USAGE = (ROOT / "docs" / "usage.md").read_text()
-PARSERS = {"train.py": train.parse_args, "eval.py": eval_.parse_args, "plots.py": plots.parse_args,
-           "bench.py": bench.parse_args, "reproduce.py": reproduce.parse_args, "walkthrough.py": walkthrough.parse_args,
-           "fetch.py": fetch.parse_args}
+PARSERS = {"train.py": train.parse_args, "eval.py": eval_.parse_args, "experiments.plots": plots.parse_args,
+           "experiments.bench": bench.parse_args, "experiments.reproduce": reproduce.parse_args,
+           "walkthrough.py": walkthrough.parse_args, "fetch.py": fetch.parse_args}
 
 
 def readme_commands():
@@ -84,7 +82,7 @@ def test_readme_runs_write_to_different_directories():
     outs = [train.parse_args(list(argv)).out for argv in commands]
     outs.append(train.parse_args([]).out)  # make demo
     assert len(outs) == len(set(outs)), outs
-    evals = [argv for argv in readme_commands() if "eval.py" in argv or "plots.py" in argv]
+    evals = [argv for argv in readme_commands() if "eval.py" in argv or "experiments.plots" in argv]
     read = {Path(a).parent if a.endswith("checkpoint") else Path(a)
             for argv in evals for a in argv if a.startswith("runs/")}
     assert read and read <= set(outs), (read, outs)

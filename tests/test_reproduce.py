@@ -25,8 +25,8 @@ import torch
 
 import eval as eval_
 import fetch
-import reproduce
 import train
+from experiments import reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 Z = 1.96
@@ -225,7 +225,8 @@ def test_git_state_counts_tracked_changes_only(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 4. A grid on tiny models: stopped by SIGTERM while dss-s0 trains, then the same command finishes it.
 
-DRIVER = "import json, sys, reproduce; sys.exit(reproduce.run_grid(json.loads(sys.argv[1]), sys.argv[2], jobs=2))"
+DRIVER = ("import json, sys; from experiments import reproduce; "
+          "sys.exit(reproduce.run_grid(json.loads(sys.argv[1]), sys.argv[2], jobs=2))")
 
 
 def tiny_spec(teacher, student):
@@ -432,7 +433,8 @@ os.replace(out / "pid.tmp", out / "pid")
 time.sleep(float(os.environ.get("FAKE_SECONDS", "60")))
 sys.exit(int(os.environ.get("FAKE_STATUS", "0")))
 """
-FAKE_DRIVER = ("import json, pathlib, sys, reproduce; reproduce.ROOT = pathlib.Path(sys.argv[3]); "
+FAKE_DRIVER = ("import json, pathlib, sys; from experiments import reproduce; "
+               "reproduce.ROOT = pathlib.Path(sys.argv[3]); "
                "sys.exit(reproduce.run_grid(json.loads(sys.argv[1]), sys.argv[2]))")
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 

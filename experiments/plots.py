@@ -1,6 +1,6 @@
 """Figures of a run: where the teacher looks, which layers MoL picks, whether the student learned to look there.
 
-    python plots.py RUN_DIR [--example ID] [--out DIR] [--data-dir DIR]   # needs `pip install matplotlib`
+    python -m experiments.plots RUN_DIR [--example ID] [--out DIR] [--data-dir DIR]   # needs `pip install matplotlib`
 
 One PNG per figure in RUN_DIR/figures (or --out), paths printed: heatmap (paper Fig. 1c, 2b, 12: Eq. 2/3 A_t
 and the student's A_s before/after of one example, steps x critical words, Eq. 6 KL in the titles),

@@ -1,7 +1,7 @@
 """Reproduce the paper's tables: a grid of train.py runs (settings x methods x seeds), and its report.
 
-    python reproduce.py --preset small [--seeds 0,1,2] [--dry-run] [--out DIR] [--jobs N]
-    python reproduce.py report DIR
+    python -m experiments.reproduce --preset small [--seeds 0,1,2] [--dry-run] [--out DIR] [--jobs N]
+    python -m experiments.reproduce report DIR
 
 Presets (`PRESETS`; real data is read from $MOLSAKI_DATA, as train.py and eval.py read it):
     table1  Table 1: Llama-3-8B -> GPT-2 large (lr 5e-5, 4000 steps) and Qwen2.5-32B -> TinyLlama-1.1B (lr 1e-4,
@@ -94,7 +94,7 @@ import numpy as np
 
 import cli
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py and eval.py
 SMALL_STEPS = 100  # one epoch of SVAMP train (800 items) at batch 8
 N_BOOT = 10000
 BASELINES = ("untrained-student", "teacher")
@@ -824,11 +824,11 @@ def parse_args(argv=None):
     """The grid's flags, or `report DIR` (then `report` is the directory, else None)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
-        p = cli.Parser(prog="reproduce.py report", description="Rebuild the report of a grid.")
+        p = cli.Parser(prog="python -m experiments.reproduce report", description="Rebuild the report of a grid.")
         p.add_argument("report", metavar="DIR", help="the grid's directory (its --out)")
         return p.parse_args(argv[1:])
     p = cli.Parser(description=__doc__.split("\n")[0],
-                   epilog="python reproduce.py report DIR: rebuild the report from the run directories")
+                   epilog="python -m experiments.reproduce report DIR: rebuild the report from the run directories")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every method (default: the preset's)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and run nothing")

@@ -1,13 +1,14 @@
 """Benchmark: what the attention loss (Eq. 2, 3, 6) costs next to DSS, and what the teacher cache saves.
 
-    python bench.py                  # smollm2-135m student, gemma3-270m teacher, batch 4, N = 512
-    python bench.py --quick          # tiny random models, under a minute on 2 CPU cores
+    python -m experiments.bench                  # smollm2-135m student, gemma3-270m teacher, batch 4, N = 512
+    python -m experiments.bench --quick          # tiny random models, under a minute on 2 CPU cores
 
 No paper equation lives here; it measures the routes of attention.py (SPEC §4) inside the real training step of
 train.py. Every configuration runs in its own process, so that its peak memory is its own: a fresh fork of a server
 process that has only imported the modules (importing torch and transformers takes 3-7 s, more than a --quick
-configuration); `python bench.py --one '<json>'` runs one in this process and prints its JSON (for profiling). Four
-sections, one markdown table each on stdout and in `--out/bench.md`, every number in `--out/bench.json`:
+configuration); `python -m experiments.bench --one '<json>'` runs one in this process and prints its JSON (for
+profiling). Four sections, one markdown table each on stdout and in `--out/bench.md`, every number in
+`--out/bench.json`:
 
 - train: one optimizer step (`train.step_losses`: the pre and exp passes, losses, backward, clipping, AdamW) of dss
   (SDPA), molsaki through the fast capture, and molsaki through eager `output_attentions` (the naive route), same
@@ -710,7 +711,7 @@ def _run_to_pipe(cfg, conn):
 def _child(cfg):
     """Run cfg in a fresh process forked from a server that has imported torch and transformers once."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["bench"])  # by name: the server would not import a "__main__" (CPython 3.11)
+    ctx.set_forkserver_preload(["experiments.bench"])  # by name: the server would not import "__main__" (3.11)
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_run_to_pipe, args=(cfg, send))
     proc.start()
