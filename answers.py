@@ -1,8 +1,9 @@
-"""Reading a model's answer (SPEC §8): the number or the choice an output states, and whether it is right.
+"""Reading a model's answer: the number or the choice an output states, and whether it is right.
 
 No paper equation lives here; eval.py scores with these functions and data.py reads the teacher's answers with
-them (so neither imports the other). Two modes: `answer`, the output of the answer task; `cot`, a rationale
-that ends with its answer statement.
+them (so neither imports the other). The paper does not say how it reads answers (our choices: docs/design.md,
+"Evaluation"). Two modes: `answer`, the output of the answer task; `cot`, a rationale that ends with its answer
+statement.
 
 Public functions:
     parse_math(text, mode) -> int | float | None   thousands commas removed; answer mode: the first number;
@@ -15,10 +16,13 @@ Public functions:
     is_correct(pred, gold, task) -> bool      math: pred == gold when both are integers (exact), else
                                               |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
     check_mode(mode)                          ValueError unless mode is "answer" or "cot".
+    format_number(x) -> str                   a number as answer text: "42", "0.5", "0.666667" (at most 6
+                                              decimals, half to even); ints and Decimals exactly.
 """
 
 import math
 import re
+from decimal import Context, Decimal
 
 MODES = ("answer", "cot")
 NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:\.\d+)?|\.\d+)")  # "5-3" is 5 and 3; "x = -3" is -3
@@ -87,3 +91,14 @@ def is_correct(pred, gold: str, task: str) -> bool:
             raise ValueError(f"CSQA gold answer has no (x) letter: {gold!r}")
         return pred == found.group(1).lower()
     raise ValueError(f"task must be 'math' or 'csqa', got {task!r}")
+
+
+def format_number(x: float | int | Decimal) -> str:
+    """`x` as gold-answer text: integral -> "42", else rounded to 6 decimals (half to even), trailing zeros
+    stripped. Exact: a float at its binary value, an int or a Decimal (`_number`, from text) as it is."""
+    x = Decimal(x)
+    if not x.is_finite() or not math.isfinite(float(x)):  # float's range: at most 309 digits
+        raise ValueError(f"not a finite number: {x}")
+    text = format(x.quantize(Decimal("1e-6"), context=Context(prec=max(x.adjusted(), 0) + 8)), "f")
+    text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text

@@ -1,6 +1,7 @@
-"""Stepwise attention on critical tokens: the sums of Eq. 2 (teacher) and Eq. 3 (student).
+"""Stepwise attention on critical tokens: the definition of Eq. 2 (teacher) and Eq. 3 (student), in torch alone.
 
-For one layer with post-softmax attention probabilities P[h, i, j] (SPEC §4):
+For one layer with post-softmax attention probabilities P[h, i, j] (query i, key j; before any attention dropout),
+step s and critical word w:
 
     A[s, w] = mean_h  sum_{i in steps[s]}  sum_{j in words[w]}  P[h, i, j]          -> [S, W]
 
@@ -9,36 +10,18 @@ Public functions
 - `stepwise_from_attentions(attentions, groups)`: the naive route, from eager `output_attentions`.
 - `stepwise_from_attentions_batched(attentions, groups)`: the same with membership matmuls (the benchmark's
   naive route): rows [B, S, N] @ mean_h P [B, N, N] @ word membership [B, N, W].
-- `capture(model, groups, values=False)`: the fast route, for a whole batch during one ordinary forward pass.
-  A needs P only on the critical tokens (the K tokens of an example's critical words), and P on a subset of
-  the keys is the softmax over that subset times the subset's total share `pi` (`critical_probs`). The
-  layer's own SDPA call gives `pi`, with one more value column that is 1 on critical tokens; one matmul gives
-  the [B, H, N, K] logits on the critical tokens. No [B, H, N, N] tensor ever exists, and backward keeps
-  nothing of size N x K. It also records each layer's value states, the input of the student router (Eq. 5).
-- `critical_probs(query, key, pi, cols, bias, scaling)`: that identity for one layer, readable. Training
-  runs `_CriticalProbs`, the same by blocks of query rows, one matmul per key-value head, with its gradient
-  written by hand (a test checks one against the other).
-- `enable_capture(model)`: switch a loaded model to the capturing attention ("molsaki").
+- `critical_probs(query, key, pi, cols, bias, scaling)`: the identity the fast route (capture.py) rests on, for one
+  layer: A needs P only on the critical tokens, and P on a subset of the keys is the softmax over that subset
+  times the subset's total share `pi`.
 
-The attention function is registered with `sdpa_mask`, so it receives exactly the mask plain SDPA receives
-(None where `is_causal` serves: no padding and no sliding window that cuts the text). The layer's SDPA call
-runs in the dtype of the query (bf16 under autocast on CUDA); the logits on critical tokens, their softmax
-and the sums over steps and words run in float32.
+This file imports torch alone and can be copied on its own; capture.py computes the same A during an ordinary
+forward pass, without any [B, H, N, N] tensor.
 
 Token groups (`steps`, `words`) are lists of token positions, one list per step / critical word,
 as `spans.encode` gives them; in a padded batch they must be positions in the padded row.
 """
 
-from contextlib import contextmanager
-
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-ATTN = "molsaki"
-_ACTIVE = None  # the Capture of the forward pass in progress, if any
 
 
 def stepwise_attention(probs, steps, words):
@@ -61,32 +44,24 @@ def stepwise_from_attentions_batched(attentions, groups):
     """`stepwise_from_attentions` for the whole batch at once: per layer rows @ mean_h P @ word membership."""
     dtype = torch.promote_types(attentions[0].dtype, torch.float32)
     N = attentions[0].shape[-1]
-    rows, cols, _, member, _ = (t.to(dtype) if t.is_floating_point() else t
-                                for t in _index(groups, N, attentions[0].device)[:5])
+    _, rows, cols, _, member = _membership(groups, N)
+    rows, cols, member = (t.to(attentions[0].device) for t in (rows, cols, member))
+    rows, member = rows.to(dtype), member.to(dtype)
     cols = cols[:, None, :].expand(-1, N, -1)  # [B, N, K]
     A = torch.stack([rows @ P.mean(1).to(dtype).gather(-1, cols) @ member for P in attentions], 1)  # [B, L, S, W]
     return [A[b, :, :len(steps), :len(words)] for b, (steps, words) in enumerate(groups)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Fast route: the layer's own SDPA call, with one more value column, and logits on the critical tokens only.
-
-EXTRA = 8  # value columns added to the layer's call: the critical-token indicator, then zeros (head size % 8 == 0)
-BLOCK = 128  # query rows per block of `_CriticalProbs`
-
-
-def _index(groups, n, device):
-    """Index tensors of a padded batch, filled on the host and moved once (on a GPU one small copy per group
-    would cost more than the capture): rows [B, S, N] (step membership), cols [B, K] (each example's critical
-    tokens, padded with 0), valid [B, K] (not padding), member [B, K, W] (the words each critical token is in),
-    hit [B, 1, N, EXTRA] (1 in column 0 on critical tokens); and the row blocks of `_blocks`."""
+def _membership(groups, n):
+    """Membership tensors of a padded batch, on the host: tokens (per example its critical tokens, sorted), rows
+    [B, S, N] (step membership), cols [B, K] (each example's critical tokens, padded with 0), valid [B, K] (not
+    padding), member [B, K, W] (the words each critical token is in)."""
     B = len(groups)
     tokens = [sorted({j for word in words for j in word}) for _, words in groups]
     rows = torch.zeros(B, max(len(s) for s, _ in groups), n)
     cols = torch.zeros(B, max(1, max(len(t) for t in tokens)), dtype=torch.long)
     valid = torch.zeros(cols.shape, dtype=torch.bool)
     member = torch.zeros(B, cols.shape[1], max(len(w) for _, w in groups))
-    hit = torch.zeros(B, 1, n, EXTRA)
     for b, (steps, words) in enumerate(groups):
         for s, positions in enumerate(steps):
             rows[b, s, positions] = 1.0
@@ -94,32 +69,7 @@ def _index(groups, n, device):
         cols[b, :len(slot)], valid[b, :len(slot)] = torch.tensor(tokens[b], dtype=torch.long), True
         for w, positions in enumerate(words):
             member[b, [slot[j] for j in positions], w] = 1.0
-        hit[b, 0, tokens[b], 0] = 1.0
-    return [t.to(device) for t in (rows, cols, valid, member, hit)] + [_blocks(groups, tokens)]
-
-
-def _blocks(groups, tokens):
-    """Blocks (r0, r1, kc) of BLOCK query rows, from the first row of a step to the last one: the rows outside
-    every step do not enter A. Causal attention hides the critical tokens at r1 and after from every row of the
-    block, so it needs only the first kc slots of cols (sorted): kc = max over examples of those before r1."""
-    step_rows = [i for steps, _ in groups for step in steps for i in step]
-    if not step_rows:
-        return []
-    lo, hi = min(step_rows), max(step_rows) + 1
-    bounds = list(range(lo, hi, BLOCK)) + [hi]
-    blocks = zip(bounds[:-1], bounds[1:], strict=True)
-    return [(r0, r1, max(sum(j < r1 for j in t) for t in tokens)) for r0, r1 in blocks]
-
-
-def _critical_bias(mask, cols, valid, n):
-    """[B, 1, N, K], added to the logits on the critical tokens: 0 where the query row sees the critical token
-    under the layer's boolean mask (None: causal), the lowest float32 elsewhere (padding slots too)."""
-    if mask is None:
-        seen = cols[:, None, None, :] <= torch.arange(n, device=cols.device)[:, None]  # [B, 1, N, K]
-    else:
-        seen = mask.expand(len(cols), 1, n, n).gather(-1, cols[:, None, None, :].expand(-1, 1, n, -1))
-    hidden = ~(seen & valid[:, None, None, :])
-    return torch.zeros(hidden.shape, device=cols.device).masked_fill_(hidden, torch.finfo(torch.float32).min)
+    return tokens, rows, cols, valid, member
 
 
 def _critical_keys(key, cols):
@@ -136,154 +86,11 @@ def critical_probs(query, key, pi, cols, bias, scaling):
     tokens are formed, [B, H, N, K] in float32, from the query [B, H, N, D] and key [B, H_kv, N, D]. A row that
     sees no critical token gets a uniform softmax, which counts for nothing: its pi is 0.
 
-    This is the readable form; `_CriticalProbs` computes the same in place, with its gradient by hand."""
+    bias [B, 1, N, K]: 0 where query row i sees critical token j under the layer's mask, the lowest float32
+    elsewhere (padding slots of cols too). This is the readable form; capture.py's `_CriticalProbs` computes the
+    same by blocks of query rows, in place, with its gradient by hand."""
     with torch.autocast(query.device.type, enabled=False):
-        k = repeat_kv(_critical_keys(key, cols), query.shape[1] // key.shape[1])  # [B, H, K, D]
+        k = _critical_keys(key, cols).repeat_interleave(query.shape[1] // key.shape[1], 1)  # [B, H, K, D]
         logits = query.float() @ k.transpose(-1, -2) * scaling  # [B, H, N, K]
         weights = (logits + bias).softmax(-1)  # [B, H, N, K]
         return (pi.float()[..., None] * weights).mean(1)  # [B, H, N, K] -> [B, N, K]
-
-
-def _block_softmax(query, k, bias, r0, r1, kc):
-    """The softmax of `critical_probs` for query rows r0:r1 and the first kc critical tokens, heads grouped by
-    their key-value head (one matmul per key-value head, no repeated keys): w [B, H_kv, G, n, kc] (float32), and
-    the query rows q [B, H_kv, G * n, D] it used. k [B, H_kv, K, D] holds the critical keys times scaling."""
-    B, Hkv, _, D = k.shape
-    G, n = query.shape[1] // Hkv, r1 - r0
-    q = query[:, :, r0:r1].float().reshape(B, Hkv, G * n, D)  # heads h = kv * G + g, as repeat_kv orders them
-    logits = (q @ k[:, :, :kc].transpose(-1, -2)).view(B, Hkv, G, n, kc)  # [B, H_kv, G, n, kc]
-    return logits.add_(bias[:, :, None, r0:r1, :kc]).softmax(-1), q
-
-
-class _CriticalProbs(torch.autograd.Function):
-    """`critical_probs` for training, by blocks of query rows (`_blocks`): the rows outside every step and
-    the critical tokens that causal attention hides are skipped. No [B, H, N, K] tensor is kept for backward
-    (only the inputs: the query and key, which the layer's SDPA call holds anyway, and pi [B, H, N]); the
-    softmax is run again there, and the gradient is written by hand, in place where it can be."""
-
-    @staticmethod
-    def forward(ctx, query, key, pi, cols, bias, scaling, blocks):
-        ctx.save_for_backward(query, key, pi, cols, bias)
-        ctx.scaling, ctx.blocks = scaling, blocks
-        B, H, N, _ = query.shape
-        with torch.autocast(query.device.type, enabled=False):
-            k = _critical_keys(key, cols) * scaling  # [B, H_kv, K, D]
-            out = torch.zeros(B, N, cols.shape[1], device=query.device)  # [B, N, K]
-            for r0, r1, kc in blocks:
-                w, _ = _block_softmax(query, k, bias, r0, r1, kc)  # [B, H_kv, G, n, kc]
-                out[:, r0:r1, :kc] = w.mul_(_grouped(pi, r0, r1, k.shape[1])).mean((1, 2))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # grad [B, N, K]
-        query, key, pi, cols, bias = ctx.saved_tensors
-        B, H, N, D = query.shape
-        with torch.autocast(query.device.type, enabled=False):
-            k = _critical_keys(key, cols) * ctx.scaling  # [B, H_kv, K, D]
-            dq, dk = torch.zeros(B, H, N, D, device=query.device), torch.zeros_like(k)  # [B, H, N, D], [B, H_kv, K, D]
-            dpi = torch.zeros(B, H, N, device=query.device)
-            for r0, r1, kc in ctx.blocks:
-                w, q = _block_softmax(query, k, bias, r0, r1, kc)  # [B, H_kv, G, n, kc], [B, H_kv, G * n, D]
-                t = w * grad[:, None, None, r0:r1, :kc]  # [B, H_kv, G, n, kc]
-                t_sum = t.sum(-1, keepdim=True)  # [B, H_kv, G, n, 1]: H times d pi
-                dpi[:, :, r0:r1] = t_sum.view(B, H, r1 - r0) / H
-                # softmax backward: d logits = pi / H * (t - w * sum_k t)
-                t.addcmul_(w, t_sum, value=-1).mul_(_grouped(pi, r0, r1, k.shape[1]) / H)
-                t = t.view(q.shape[:3] + (kc,))  # [B, H_kv, G * n, kc]
-                dq[:, :, r0:r1] = (t @ k[:, :, :kc]).view(B, H, r1 - r0, D)
-                dk[:, :, :kc] += t.transpose(-1, -2) @ q
-            dk *= ctx.scaling
-            dkey = torch.zeros(key.shape, device=key.device).scatter_add_(2, cols[:, None, :, None].expand_as(dk), dk)
-        return dq.to(query.dtype), dkey.to(key.dtype), dpi.to(pi.dtype), None, None, None, None
-
-
-def _grouped(pi, r0, r1, heads_kv):
-    """pi [B, H, N] on rows r0:r1, as [B, H_kv, G, n, 1] float32."""
-    B, H, _ = pi.shape
-    return pi[:, :, r0:r1].float().view(B, heads_kv, H // heads_kv, r1 - r0, 1)
-
-
-class Capture:
-    """What one forward pass under `capture` records: per layer A [B, S, W] and values [B, H_kv, N, D]."""
-
-    def __init__(self, groups, values):
-        self.groups, self.keep_values = groups, values
-        self.sizes = [(len(steps), len(words)) for steps, words in groups]
-        self.layers, self.values = {}, {}
-        self.index, self.biases = None, {}
-
-    def attend(self, module, query, key, value, mask, scaling, dropout, **kwargs):
-        """The layer's attention output; on the side, its A (pre-dropout) and value states."""
-        B, H, N, D = query.shape
-        if self.index is None:
-            self.index = _index(self.groups, N, query.device)
-        rows, cols, valid, member, hit, blocks = self.index
-        q, k = F.pad(query, (0, EXTRA)), F.pad(key, (0, EXTRA))  # zero columns: the same logits
-        hit = hit.to(value.dtype).expand(B, key.shape[1], N, EXTRA)  # [B, H_kv, N, EXTRA]
-        if dropout == 0.0:  # pi is one more value column of the layer's own call
-            out = sdpa_attention_forward(module, q, k, torch.cat([value, hit], -1), mask, scaling=scaling,
-                                         **kwargs)[0]  # [B, N, H, D + EXTRA]
-            out, pi, _ = out.split([D, 1, EXTRA - 1], -1)  # [B, N, H, D], [B, N, H, 1]: one op in backward too
-            pi = pi[..., 0]  # [B, N, H]
-        else:  # dropout would act on pi too: a second call, without dropout, gives it
-            out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                         **kwargs)[0]  # [B, N, H, D]
-            pi = sdpa_attention_forward(module, q, k, F.pad(hit, (0, D)), mask, scaling=scaling, **kwargs)[0][..., 0]
-        pi = pi.transpose(1, 2).contiguous()  # [B, H, N]; a copy, so that backward does not keep all of `out`
-        if id(mask) not in self.biases:  # one per mask the layers get: one, or one per kind (sliding, full)
-            self.biases[id(mask)] = _critical_bias(mask, cols, valid, N)
-        # views of the padded q and k (held for the SDPA backward anyway): their first D columns
-        P = _CriticalProbs.apply(q[..., :D], k[..., :D], pi, cols, self.biases[id(mask)], scaling, blocks)  # [B, N, K]
-        with torch.autocast(query.device.type, enabled=False):  # the sums over steps and words in float32
-            self.layers[module.layer_idx] = rows @ P @ member  # [B, S, N] @ [B, N, K] @ [B, K, W] -> [B, S, W]
-        if self.keep_values:
-            self.values[module.layer_idx] = value  # [B, H_kv, N, D]
-        return out, None
-
-    def stepwise(self):
-        """Per example [L, S_b, W_b], layers in model order."""
-        A = torch.stack([self.layers[i] for i in sorted(self.layers)], 1)  # [B, L, S, W]
-        return [A[b, :, :S, :W] for b, (S, W) in enumerate(self.sizes)]
-
-    def value_states(self):
-        """[B, L, N, d], d = H_kv * D: the router's input (Eq. 5)."""
-        return torch.stack([self.values[i].transpose(1, 2) for i in sorted(self.values)], 1).flatten(-2)
-
-
-def molsaki_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain SDPA; when a capture is active, the same output through `Capture.attend`, which also records A."""
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if _ACTIVE is not None:
-        return _ACTIVE.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
-AttentionInterface.register(ATTN, molsaki_attention)
-AttentionMaskInterface.register(ATTN, sdpa_mask)  # the mask plain SDPA gets (None where is_causal serves)
-
-
-def enable_capture(model):
-    model.set_attn_implementation(ATTN)
-    return model
-
-
-@contextmanager
-def capture(model, groups, values=False):
-    """Record A (and optionally the value states) of every layer during one forward pass of `model`.
-
-    groups: per example (steps, words), token positions in the padded batch. Usage:
-
-        with capture(model, groups, values=True) as cap:
-            out = model(input_ids, attention_mask=mask)
-        A_list, V = cap.stepwise(), cap.value_states()
-    """
-    global _ACTIVE
-    if model.config._attn_implementation != ATTN:
-        raise ValueError(f"model attention is '{model.config._attn_implementation}': call enable_capture(model)")
-    cap = Capture(groups, values)
-    _ACTIVE = cap
-    try:
-        yield cap
-    finally:
-        _ACTIVE = None

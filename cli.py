@@ -1,7 +1,9 @@
-"""Command-line plumbing of train.py, eval.py and reproduce.py: a mistake gets one line, not a traceback.
+"""Command-line plumbing of every script: one-line errors, and the test sets known by name.
 
-No paper equation lives here.
+No paper equation lives here, and nothing of the project is imported.
 
+- `TEST_SETS`, `set_label(name)`, `check_sets(names)`: the test sets eval.py knows by name, the name a set's
+  results go under, and what is wrong with a list of names or files.
 - `Parser(...)`: an `argparse.ArgumentParser` whose errors (unknown flag, bad choice, a failed check
   through `parser.error`) print `error: <what and how to fix>` on stderr and exit with status 2.
 - `fail(message)`: print that line and exit 2 (for checks that need more than the flags: files, configs).
@@ -11,6 +13,7 @@ Real failures (a NaN, out of memory, a bug) keep their traceback: only what the 
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def fail(message: str):
@@ -24,3 +27,25 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
+
+
+TEST_SETS = ("svamp", "singleeq", "asdiv", "gsm8k", "csqa", "builtin")  # the names; anything else is a file
+
+
+def set_label(name: str) -> str:
+    """The name a set's results go under (eval_<label>_<mode>.jsonl): the set's name, or a file's stem."""
+    return name if name in TEST_SETS else Path(name).stem
+
+
+def check_sets(sets: list[str]) -> str | None:
+    """Why `sets` cannot be evaluated from the flags alone (an unknown name, a missing file), or None."""
+    if not sets:
+        return "no test set given"
+    for name in sets:
+        if name not in TEST_SETS and not Path(name).is_file():
+            return (f"unknown test set {name!r}: name one of {', '.join(TEST_SETS)} or a JSON / JSONL file of "
+                    "problems that exists")
+    labels = [set_label(s) for s in sets]
+    if len(set(labels)) < len(labels):
+        return f"two test sets would write the same results file: {', '.join(sets)}"
+    return None

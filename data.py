@@ -1,4 +1,4 @@
-"""Datasets, teacher rationales and the teacher attention cache (SPEC §1, §2, §7).
+"""Datasets, teacher rationales, the teacher attention cache (Eq. 2), and the features training reads.
 
 The files the loaders read, their sources and their download are fetch.py's: a loader reads the data directory
 `fetch.resolve_data_dir(data_dir)` and calls `fetch.ensure_files` before reading, so data is fetched on first use
@@ -9,20 +9,25 @@ The files the loaders read, their sources and their download are fetch.py's: a l
 - `load_palm_rationales(name, split, data_dir, keep)`: `{id, rationale, teacher_answer, phase}` from the PaLM-540B
   CoT of Distilling Step-by-Step (DSS), svamp or csqa: every item with a rationale (keep="all", as DSS trains),
   or only those whose PaLM answer equals gold (keep="correct").
-- `split_answer(text)`: (r, statement), a teacher's output cut before its final answer statement (SPEC §2).
+- `split_answer(text)`: (r, statement), a teacher's output cut before its final answer statement.
 - `safe_eval(expr)`: the value of an arithmetic expression (numbers, + - * /, parentheses, unary minus).
-- `format_number(x)`: a gold number as text ("42", "0.5", "0.666667": at most 6 decimals); one read from text
-  is kept exactly ("12345678901234567890"), a float (an evaluated equation) is taken at its binary value.
-- `teacher_rationales(model, tok, records, path)`: dual-phase few-shot CoT (SPEC §7), resumable JSONL.
-- `teacher_keywords(model, tok, examples, path)`: the CSQA critical words (App. B.2), resumable JSONL.
+  Gold numbers are written by `answers.format_number` ("42", "0.5", "0.666667"): one read from text is kept exactly
+  ("12345678901234567890"), a float (an evaluated equation) is taken at its binary value.
+- `teacher_rationales(teacher, records, path)`: dual-phase few-shot CoT (paper §3.1), resumable JSONL.
+- `teacher_keywords(teacher, examples, path)`: the CSQA critical words (App. B.2), resumable JSONL. `teacher()`
+  gives (model, tokenizer); it is called only when something is left to generate.
 - `build_attention_cache(model, tok, examples, meta)`: `A_t [L1, S, W]` per example, from one no-grad
-  teacher pass through `attention.capture`; `load_attention_cache(path, meta)` refuses a mismatched cache.
+  teacher pass through `capture.capture`; `load_attention_cache(path, meta)` refuses a mismatched cache.
 - `load_torch(path, fix)`: a torch file of tensors, dicts, lists, numbers and strings (`weights_only`: no code in
   it runs), on the CPU; any failure is a one-line ValueError ending with `fix`.
 - `read_appended(path)`: the rows of a JSONL file written row by row (the teacher's files, a run's step log); a
   last line cut by a hard kill is dropped from the file.
+- What train.py reads, as its flags say: `training_examples(args, teacher)` (the examples with their rationales),
+  `teacher_cache(args, examples, teacher)` (built or reused), `features(args, examples, tok, cache, n_layers)`
+  (token ids and labels per task, `task_ids`; the student's token groups and the mixed A_t [S, W] under molsaki),
+  `collate(batch, pad_id)` (right-padded tensors).
 
-Choices the spec leaves open:
+Choices the paper leaves open (docs/design.md has them all):
 - svamp: the DSS 800/200 split; question = DSS's `input` verbatim; gold = its equation, evaluated.
 - asdiv: ASDiv-A (the 1218 ids of nfolds/asdiv-a) in ASDiv.xml order, all as split "test" (no official
   split). Question = Body + " " + Question; answer = the number before the unit ("9 (apples)" -> "9").
@@ -35,27 +40,29 @@ Choices the spec leaves open:
   is the rest of that line: svamp evaluates the whole expression ("(16 * 17) * 4" -> 1088, where DSS's regex
   reads "(16 * 17)"); csqa's is the letter when the answer names exactly one ("(a) ocean or (b) sea" names
   none). It is correct when it equals gold; L_pre trains on gold whatever PaLM answered. phase = 0.
-- Rationales never hold their answer statement (SPEC §2): the teacher's, PaLM's and the built-in ones are cut
-  before the last "the answer is" / "so the answer is" (any case); the answer is learned by L_pre alone.
+- Rationales never hold their answer statement (docs/design.md, "Text layout"): the teacher's, PaLM's and the
+  built-in ones are cut before the last "the answer is" / "so the answer is" (any case); the answer is learned by
+  L_pre alone.
 """
 
 import ast
 import hashlib
 import json
-import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from decimal import Context, Decimal
+from decimal import Decimal
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import answers
-import attention
+import capture
 import fetch
 import models
+import mol
+import problems
 import spans
 
 PRE_PROMPT = "Question: {question}\nAnswer:"
@@ -83,17 +90,6 @@ def safe_eval(expr: str) -> float:
         return walk(ast.parse(expr.strip(), mode="eval").body)
     except (SyntaxError, ZeroDivisionError, OverflowError) as e:
         raise ValueError(f"cannot evaluate {expr!r}: {e}") from None
-
-
-def format_number(x: float | int | Decimal) -> str:
-    """`x` as gold-answer text: integral -> "42", else rounded to 6 decimals (half to even), trailing zeros
-    stripped. Exact: a float at its binary value, an int or a Decimal (`_number`, from text) as it is."""
-    x = Decimal(x)
-    if not x.is_finite() or not math.isfinite(float(x)):  # float's range: at most 309 digits
-        raise ValueError(f"not a finite number: {x}")
-    text = format(x.quantize(Decimal("1e-6"), context=Context(prec=max(x.adjusted(), 0) + 8)), "f")
-    text = text.rstrip("0").rstrip(".")
-    return "0" if text == "-0" else text
 
 
 def _number(value) -> Decimal:  # a gold number from text ("1,200") or JSON (a number), exactly
@@ -145,7 +141,7 @@ def _svamp(root: Path, split: str) -> list[dict]:
     fetch.ensure_files(root, [path])
     rows = _jsonl(root / path)
     return _convert(rows, lambda i, r: {"id": f"svamp-{split}-{i}", "question": _text(r["input"]),
-                                        "answer": format_number(safe_eval(r["label"]))})
+                                        "answer": answers.format_number(safe_eval(r["label"]))})
 
 
 def _gsm8k(root: Path, split: str) -> list[dict]:
@@ -154,7 +150,7 @@ def _gsm8k(root: Path, split: str) -> list[dict]:
         if not sep:
             raise ValueError("no '####' before the final answer")
         return {"id": f"gsm8k-{split}-{i}", "question": _text(r["question"]),
-                "answer": format_number(_number(number))}
+                "answer": answers.format_number(_number(number))}
 
     fetch.ensure_files(root, [f"gsm8k/{split}.jsonl"])
     return _convert(_jsonl(root / "gsm8k" / f"{split}.jsonl"), make)
@@ -174,7 +170,7 @@ def _asdiv(root: Path, split: str) -> list[dict]:
         if not m:
             raise ValueError(f"answer {p.findtext('Answer')!r} is not a number with an optional unit")
         question = _text(p.findtext("Body")) + " " + _text(p.findtext("Question"))
-        return {"id": p.get("ID"), "question": question, "answer": format_number(_number(m.group(1)))}
+        return {"id": p.get("ID"), "question": question, "answer": answers.format_number(_number(m.group(1)))}
 
     return _convert([(f"{xml}, problem {p.get('ID')}", p) for p in problems], make)
 
@@ -183,7 +179,7 @@ def _singleeq(root: Path, split: str) -> list[dict]:
     fetch.ensure_files(root, ["singleeq/questions.json"])
     rows = _json_array(root / "singleeq" / "questions.json")
     return _convert(rows, lambda i, r: {"id": f"singleeq-{r['iIndex']}", "question": _text(r["sQuestion"]),
-                                        "answer": format_number(_number(r["lSolutions"][0]))})
+                                        "answer": answers.format_number(_number(r["lSolutions"][0]))})
 
 
 def _csqa(root: Path, split: str) -> list[dict]:
@@ -226,7 +222,8 @@ def _file_record(stem: str, i: int, r: dict) -> dict:
         raise TypeError(f"expected an object, got {type(r).__name__}")
     id_ = str(r.get("id", f"{stem}-{i}"))
     if "sQuestion" in r:
-        return {"id": id_, "question": _text(r["sQuestion"]), "answer": format_number(_number(r["lSolutions"][0]))}
+        answer = answers.format_number(_number(r["lSolutions"][0]))
+        return {"id": id_, "question": _text(r["sQuestion"]), "answer": answer}
     question, answer = _text(r["question"]), r["answer"]
     if "choices" in r:
         texts = [_text(c) for c in r["choices"]]
@@ -241,7 +238,7 @@ def _file_record(stem: str, i: int, r: dict) -> dict:
         answer = answer.rpartition("####")[2]
     if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
         raise ValueError(f"answer {answer!r} is not a number")
-    return {"id": id_, "question": question, "answer": format_number(_number(answer))}
+    return {"id": id_, "question": question, "answer": answers.format_number(_number(answer))}
 
 
 def load_file(path: str | Path) -> list[dict]:
@@ -300,7 +297,7 @@ def load_palm_rationales(name: str, split: str, data_dir: str | Path | None, kee
                 value = safe_eval(answer.removesuffix("."))
             except ValueError:
                 value = None
-            teacher = None if value is None else format_number(value)
+            teacher = None if value is None else answers.format_number(value)
             correct = value is not None and abs(value - float(r["answer"])) < 1e-4
         else:
             letters = re.findall(r"\(([a-e])\)", answer)
@@ -315,7 +312,7 @@ def load_palm_rationales(name: str, split: str, data_dir: str | Path | None, kee
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher rationales (SPEC §7): dual-phase few-shot CoT, greedy, kept where the answer equals gold.
+# Teacher rationales (paper §3.1): dual-phase few-shot CoT, greedy, kept where the answer equals gold.
 
 MATH_SHOTS = [  # our own few-shot examples: (question, rationale, answer)
     ("Tom has 3 boxes with 12 pencils in each box. He gives away 9 pencils. How many pencils does he have left?",
@@ -360,7 +357,7 @@ ANSWER_STATEMENT = re.compile(r"(?:\bso\s+)?\bthe\s+answer\s+is\b", re.IGNORECAS
 
 def split_answer(text: str) -> tuple[str, str]:
     """(r, statement): `text` cut before its last answer statement, "The answer is ..." or "So the answer is
-    ..." in any case (SPEC §2); both stripped, statement "" when there is none."""
+    ..." in any case; both stripped, statement "" when there is none."""
     hits = list(ANSWER_STATEMENT.finditer(text))
     if not hits:
         return text.strip(), ""
@@ -391,18 +388,19 @@ def read_appended(path: Path) -> list[dict]:
     return [row for _, row in _jsonl(path)]
 
 
-def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: int = 8,
+def teacher_rationales(teacher, records: list[dict], path, batch_size: int = 8,
                        max_new_tokens: int = 128, chunk: int = 64) -> list[dict]:
-    """Dual-phase CoT (SPEC §7) with every attempt appended to the JSONL `path` as it is made, so that a
+    """Dual-phase CoT (paper §3.1) with every attempt appended to the JSONL `path` as it is made, so that a
     re-run continues where it stopped. An attempt is kept when its answer equals gold and its rationale is
-    not empty; phase 2 asks for the items phase 1 kept nothing of. Returns `{id, rationale, teacher_answer,
-    phase}` of the kept items, in `records` order."""
+    not empty; phase 2 asks for the items phase 1 kept nothing of. `teacher()` gives (model, tokenizer), called
+    once something is left to ask. Returns `{id, rationale, teacher_answer, phase}` of the kept items, in `records`
+    order."""
     path = Path(path)
     attempts = {}  # id -> {phase: attempt}
     for row in read_appended(path):
         if "statement" not in row:
             raise ValueError(f"{path} holds rationales written before they were cut before their answer "
-                             "statement (SPEC §2); delete it or choose another --out")
+                             "statement; delete it or choose another --out")
         attempts.setdefault(row["id"], {})[row["phase"]] = row
 
     def kept(a):
@@ -414,13 +412,14 @@ def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: 
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             prompts = [cot_prompt(r, with_gold=phase == 2) for r in part]
-            outputs = models.generate(model, tokenizer, prompts, max_new_tokens, batch_size,
+            outputs = models.generate(*teacher(), prompts, max_new_tokens, batch_size,
                                       desc=f"rationales phase {phase} [{start}/{len(todo)}]")
             with open(path, "a") as f:
                 for r, output in zip(part, outputs, strict=True):
                     rationale, statement, answer = cut_rationale(output, r)
                     row = {"id": r["id"], "rationale": rationale, "statement": statement, "phase": phase,
-                           "teacher_answer": format_number(answer) if isinstance(answer, int | float) else answer,
+                           "teacher_answer": (answers.format_number(answer) if isinstance(answer, int | float)
+                                              else answer),
                            "correct": answers.is_correct(answer, r["answer"], task_of(r))}
                     attempts.setdefault(r["id"], {})[phase] = row
                     f.write(json.dumps(row) + "\n")
@@ -433,14 +432,15 @@ def teacher_rationales(model, tokenizer, records: list[dict], path, batch_size: 
     return [{k: a[k] for k in ("id", "rationale", "teacher_answer", "phase")} for a in chosen]
 
 
-def teacher_keywords(model, tokenizer, examples: list[dict], path, batch_size: int = 8) -> dict[str, list[str]]:
-    """CSQA: the teacher's keywords for each example id (paper App. B.2), kept in the JSONL `path`."""
+def teacher_keywords(teacher, examples: list[dict], path, batch_size: int = 8) -> dict[str, list[str]]:
+    """CSQA: the teacher's keywords for each example id (paper App. B.2), kept in the JSONL `path`; `teacher()` gives
+    (model, tokenizer), called only when an example has none yet."""
     path = Path(path)
     done = {row["id"]: row["keywords"] for row in read_appended(path)}
     todo = [e for e in examples if e["id"] not in done]
     if todo:
         prompts = [keyword_prompt(e["question"], e["rationale"]) for e in todo]
-        outputs = models.generate(model, tokenizer, prompts, 32, batch_size, desc="keywords")
+        outputs = models.generate(*teacher(), prompts, 32, batch_size, desc="keywords")
         with open(path, "a") as f:
             for e, output in zip(todo, outputs, strict=True):
                 done[e["id"]] = parse_keywords(output)
@@ -462,7 +462,7 @@ def parse_keywords(output: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher attention cache: one no-grad pass of the teacher over every training text (SPEC §1, §4).
+# Teacher attention cache: one no-grad pass of the teacher over every training text (Eq. 2).
 
 
 def texts_hash(examples: list[dict]) -> str:
@@ -491,7 +491,7 @@ def build_attention_cache(model, tokenizer, examples: list[dict], meta: dict, ma
         input_ids = torch.tensor([ids + [pad] * (N - len(ids)) for _, ids, _, _ in batch], device=model.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (N - len(ids)) for _, ids, _, _ in batch], device=model.device)
         groups = [([st[k] for k in sorted(st)], [wt[k] for k in sorted(wt)]) for _, _, st, wt in batch]
-        with torch.no_grad(), attention.capture(model, groups) as cap:
+        with torch.no_grad(), capture.capture(model, groups) as cap:
             model(input_ids, attention_mask=mask, logits_to_keep=1)
         for (id_, _, st, wt), A in zip(batch, cap.stepwise(), strict=True):
             items[id_] = {"A": A.float().cpu(), "step_ids": sorted(st), "word_ids": sorted(wt)}
@@ -533,3 +533,107 @@ def save_atomic(obj, path) -> None:
     tmp = Path(f"{path}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# What training reads: the examples with their rationales, the teacher cache, and the features of each example.
+
+
+def training_examples(args, teacher) -> list[dict]:
+    """Train records joined with their rationales (and CSQA keywords): `{id, question, answer, rationale}`, as
+    train.py's flags say (`--data`, `--rationales`, `--method`). Every rationale ends before its answer statement;
+    the answer target of L_pre is always gold. `teacher()` gives (model, tokenizer), called only when the teacher
+    must generate; what it generates is appended to --out's rationales.jsonl / keywords.jsonl and reused."""
+    if args.data == "builtin":
+        records = problems.make_problems(args.n_train, seed=0)
+    elif args.data in SPLITS:
+        records = load_dataset(args.data, "train", args.data_dir)
+    else:
+        records = load_file(args.data)
+    if args.method == "vanilla":
+        return [dict(r, rationale="") for r in records]
+    if args.rationales == "builtin":
+        kept = [{"id": r["id"], "rationale": split_answer(r["rationale"])[0]} for r in records]
+    elif args.rationales == "palm":
+        kept = load_palm_rationales(args.data, "train", args.data_dir, args.palm_filter)
+    else:
+        kept = teacher_rationales(teacher, records, args.out / "rationales.jsonl", args.teacher_batch_size)
+    by_id = {r["id"]: r for r in records}
+    examples = [dict(by_id[k["id"]], rationale=k["rationale"]) for k in kept if k["rationale"]]
+    print(f"[train] {len(examples)} of {len(records)} items have a rationale ({args.rationales}); "
+          f"{len(records) - len(examples)} not kept")
+    if examples and task_of(records[0]) == "csqa" and args.method == "molsaki":  # critical words: its keywords
+        keywords = teacher_keywords(teacher, examples, args.out / "keywords.jsonl", args.teacher_batch_size)
+        examples = [dict(e, keywords=keywords[e["id"]]) for e in examples]
+    return examples
+
+
+def teacher_cache(args, examples: list[dict], teacher) -> dict:
+    """--out/teacher_cache.pt: reused when its metadata are this run's (`load_attention_cache`), else built by the
+    teacher (`teacher()` gives (model, tokenizer)) and saved."""
+    meta = {"teacher": args.teacher, "exp_prompt": EXP_PROMPT, "delimiters": args.delimiters,
+            "critical": "keywords" if task_of(examples[0]) == "csqa" else "numbers", "max_length": args.max_length,
+            "texts": texts_hash(examples)}
+    path = args.out / "teacher_cache.pt"
+    if path.exists():
+        print(f"[train] reusing teacher attention cache {path}")
+        return load_attention_cache(path, meta)
+    cache = build_attention_cache(*teacher(), examples, meta, args.max_length, args.teacher_batch_size)
+    save_atomic(cache, path)
+    return cache
+
+
+def task_ids(tok, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
+    """ids and labels of prompt + target (+ EOS); labels only on target tokens (-100 elsewhere)."""
+    enc = tok(prompt + target, return_offsets_mapping=True, truncation=True, max_length=max_length - 1)
+    ids = enc["input_ids"] + [tok.eos_token_id]
+    labels = [t if e > len(prompt) else -100 for t, (_, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    return ids, labels + [tok.eos_token_id]
+
+
+def features(args, examples: list[dict], tok, cache: dict | None, n_student_layers: int) -> list[dict]:
+    """One dict per example: the two tasks' ids and labels (`task_ids`); under molsaki also the student's step and
+    word groups and the teacher's target, mixed by p_t (Eq. 4/6): A_t [S, W] over the steps and words both
+    tokenizers keep (`spans.align`)."""
+    out = []
+    for e in examples:
+        f = {"id": e["id"]}
+        f["pre_ids"], f["pre_labels"] = task_ids(tok, PRE_PROMPT.format(question=e["question"]), " " + e["answer"],
+                                                 args.max_length)
+        if args.method != "vanilla":
+            f["exp_ids"], f["exp_labels"] = task_ids(tok, EXP_PROMPT.format(question=e["question"]),
+                                                     " " + e["rationale"], args.max_length)
+        if args.method == "molsaki":
+            text, steps, words = spans.example_spans(e["question"], e["rationale"], EXP_PROMPT, e.get("keywords"),
+                                                     args.delimiters)
+            _, st, wt = spans.encode(tok, text, steps, words, args.max_length - 1)
+            item = cache["items"][e["id"]]
+            step_ids = spans.align(st, dict.fromkeys(item["step_ids"]))
+            word_ids = spans.align(wt, dict.fromkeys(item["word_ids"]))
+            rows = [item["step_ids"].index(k) for k in step_ids]
+            cols = [item["word_ids"].index(k) for k in word_ids]
+            A_t = item["A"][:, rows][:, :, cols]  # [L1, S, W], the steps and words both models keep
+            p_t = (mol.one_hot_weights(mol.parse_layer_map(args.layer_map, A_t.shape[0], n_student_layers)[0],
+                                       A_t.shape[0]) if args.layer_map else mol.teacher_layer_weights(A_t, args.tau1))
+            f.update(A_t=mol.mix_layers(A_t, p_t), p_t=p_t,  # [S, W], [L1]
+                     groups=([st[k] for k in step_ids], [wt[k] for k in word_ids]))
+        out.append(f)
+    return out
+
+
+def _pad(rows, value):
+    N = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (N - len(r)) for r in rows])  # [B, N]
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-padded tensors of each task: `<task>_ids`, `<task>_labels` (-100 on padding), `<task>_mask`, with the
+    example ids (positions are not shifted, so the groups stay valid)."""
+    out = {"ids": [f["id"] for f in batch]}
+    for task in ("pre", "exp"):
+        if f"{task}_ids" in batch[0]:
+            ids = [f[f"{task}_ids"] for f in batch]
+            out[f"{task}_ids"] = _pad(ids, pad_id)
+            out[f"{task}_labels"] = _pad([f[f"{task}_labels"] for f in batch], -100)
+            out[f"{task}_mask"] = _pad([[1] * len(r) for r in ids], 0)
+    return out

@@ -1,14 +1,15 @@
-"""Evaluation (SPEC §8): greedy answers of the student on test sets, parsed and scored (paper Table 1).
+"""Evaluation: greedy answers of the student on test sets, parsed and scored (paper Table 1).
 
-No paper equation lives here. Two modes:
+No paper equation lives here, and the paper does not say how it reads answers (our choices: docs/design.md,
+"Evaluation"). Two modes:
     answer  the answer task (`data.PRE_PROMPT`), greedy, up to 16 new tokens: Distilling Step-by-Step's
             protocol, the default (the paper does not say how it reads answers);
     cot     the rationale task (`data.EXP_PROMPT`), greedy, up to 128 new tokens, answer read from it.
 
 Answers are read by answers.py (parse_math, parse_choice, is_correct). Public functions:
     evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens, name) -> (accuracy, items)
-    load_set(name, data_dir) -> records       a test set by name (`TEST_SETS`) or a file of problems
-                                              (`data.FILE_FORMATS`); `set_label(name)` names its results.
+    load_set(name, data_dir) -> records       a test set by name (`cli.TEST_SETS`) or a file of problems
+                                              (`data.FILE_FORMATS`); `cli.set_label(name)` names its results.
     run(checkpoint, sets, data_dir, mode, batch_size, limit, out, dtype) -> {set: accuracy}   (in [0, 1])
                                               Results already in `out` for the same weights, records and settings
                                               are kept (`finished_items`): an interrupted run loses no set.
@@ -38,7 +39,6 @@ import problems
 from answers import check_mode, is_correct, parse_choice, parse_math
 from models import generate, load_model
 
-TEST_SETS = ("svamp", "singleeq", "asdiv", "gsm8k", "csqa", "builtin")  # the names; anything else is a file
 NEW_TOKENS = {"answer": 16, "cot": 128}  # per mode (answers.MODES)
 
 
@@ -65,30 +65,11 @@ def evaluate(model, tokenizer, records: list[dict], mode: str = "answer", batch_
     return _accuracy(items), items
 
 
-def set_label(name: str) -> str:
-    """The name a set's results go under (eval_<label>_<mode>.jsonl): the set's name, or a file's stem."""
-    return name if name in TEST_SETS else Path(name).stem
-
-
-def check_sets(sets: list[str]) -> str | None:
-    """Why `sets` cannot be evaluated from the flags alone (an unknown name, a missing file), or None."""
-    if not sets:
-        return "no test set given"
-    for name in sets:
-        if name not in TEST_SETS and not Path(name).is_file():
-            return (f"unknown test set {name!r}: name one of {', '.join(TEST_SETS)} or a JSON / JSONL file of "
-                    "problems that exists")
-    labels = [set_label(s) for s in sets]
-    if len(set(labels)) < len(labels):
-        return f"two test sets would write the same results file: {', '.join(sets)}"
-    return None
-
-
 def load_set(name: str, data_dir) -> list[dict]:
     """Test records of a set name (`builtin` = the built-in word problems) or of a file of problems."""
     if name == "builtin":
         return problems.make_problems(200, seed=1)
-    if name in TEST_SETS:
+    if name in cli.TEST_SETS:
         return data.load_dataset(name, "test", data_dir)
     return data.load_file(name)
 
@@ -160,16 +141,16 @@ def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_
                 "device": device}
     accuracies, rows = {}, ["| set | n | accuracy % |", "|---|---|---|"]
     for name, records in tests.items():
-        path = out / f"eval_{set_label(name)}_{mode}.jsonl"
+        path = out / f"eval_{cli.set_label(name)}_{mode}.jsonl"
         meta = {"weights": weights, "records": hashlib.sha256(json.dumps(records).encode()).hexdigest(), **settings}
         items = finished_items(path, meta)
         if items is None:
-            _, items = evaluate(model, tokenizer, records, mode, batch_size, name=set_label(name))
+            _, items = evaluate(model, tokenizer, records, mode, batch_size, name=cli.set_label(name))
             _write_results(path, items, meta)
         else:
             print(f"[eval] {name}: kept {path}, made by the same weights from the same items and settings")
         accuracy = _accuracy(items)
-        accuracies[set_label(name)] = accuracy
+        accuracies[cli.set_label(name)] = accuracy
         rows.append(f"| {name} | {len(items)} | {100 * accuracy:.2f} |")
     _write_summary(out, mode, weights)
     print("\n".join(rows))
@@ -177,11 +158,11 @@ def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description="Accuracy of a student checkpoint on test sets (SPEC §8).")
+    parser = cli.Parser(description="Accuracy of a student checkpoint on test sets.")
     parser.add_argument("--checkpoint", required=True,
                         help="save_pretrained folder (model + tokenizer), packaged name or hub id")
     parser.add_argument("--sets", default="svamp,singleeq,asdiv,gsm8k",
-                        help=f"comma-separated: {', '.join(TEST_SETS)}, or paths to JSON / JSONL files of problems")
+                        help=f"comma-separated: {', '.join(cli.TEST_SETS)}, or paths to JSON / JSONL files of problems")
     parser.add_argument("--data-dir", default=None, help="default: $MOLSAKI_DATA, else ~/.cache/molsaki/data")
     parser.add_argument("--mode", choices=sorted(NEW_TOKENS), default="answer")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -191,7 +172,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="default: the checkpoint folder")
     args = parser.parse_args(argv)
     args.sets = [s for s in args.sets.split(",") if s]
-    problem = check_sets(args.sets)
+    problem = cli.check_sets(args.sets)
     if problem:
         parser.error(f"--sets: {problem}")
     if args.batch_size < 1:

@@ -1,4 +1,4 @@
-"""Data files (SPEC §11): every file the loaders of data.py read, downloaded from its public source and checked.
+"""Data files: every file the loaders of data.py read, downloaded from its public source and checked.
 
 No paper equation lives here. Each file is a byte-for-byte copy of one file of a public GitHub repository at a
 named commit, verified by its SHA-256 (`FILES` names repository, commit, path and hash of each):
@@ -30,6 +30,11 @@ Public functions:
     sha256(path) -> str               the hex SHA-256 of a file
     parse_args(argv), main(argv)      the command line; a wrong flag or name, a file that cannot be fetched or a
                                       missing --data-dir is one line, `error: ...`, and exit status 2
+
+Classes:
+    Source                            one file's origin: data set, repository, commit, path there, zip member,
+                                      SHA-256 (the values of `FILES`)
+    DataUnavailable                   the error of a file that is missing and cannot be fetched, or is damaged
 """
 
 import argparse
@@ -310,7 +315,7 @@ def _reason(e: Exception) -> str:  # "HTTP 404 Not Found", "[Errno 111] Connecti
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = cli.Parser(description="Download the data the loaders read (SPEC §11): the files of the "
+    parser = cli.Parser(description="Download the data the loaders read: the files of the "
                                                  "named data sets (default: all), each checked by its SHA-256.")
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"a data set: {', '.join(DATASETS)}")
     parser.add_argument("--data-dir", default=None, help=f"default: $MOLSAKI_DATA, else {CACHE}")

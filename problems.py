@@ -6,13 +6,13 @@
 
 Values are exact fractions with at most 2 decimals (money in cents); every division is exact. The
 rationale has one sentence per operation, each holding its equation "a op b = c" in digits, and ends
-with "The answer is X." where X is `data.format_number(answer)`, as the answer field.
+with "The answer is X." where X is `answers.format_number(answer)`, as the answer field.
 """
 
 import random
 from fractions import Fraction
 
-from data import format_number
+import answers
 
 NAMES = ["Ava", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Isla", "Jamal", "Kira", "Liam",
          "Maya", "Noah", "Olga", "Priya", "Quinn", "Ravi", "Sofia", "Tom"]
@@ -24,7 +24,7 @@ VEHICLES = ["train", "bus", "truck", "ferry", "car"]
 
 
 def _n(x) -> str:
-    return format_number(float(x))
+    return answers.format_number(float(x))
 
 
 def _eq(a, op: str, b) -> tuple[Fraction, str]:
@@ -253,9 +253,9 @@ def make_problems(n: int, seed: int = 0) -> list[dict]:
         if question in seen:
             continue
         seen.add(question)
-        rationale = " ".join(steps) + f" The answer is {format_number(float(answer))}."
+        rationale = " ".join(steps) + f" The answer is {answers.format_number(float(answer))}."
         out.append({"id": f"builtin-{seed}-{len(out)}", "question": question,
-                    "answer": format_number(float(answer)), "rationale": rationale})
+                    "answer": answers.format_number(float(answer)), "rationale": rationale})
     if len(out) < n:
         raise ValueError(f"could not make {n} distinct problems")
     return out

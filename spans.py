@@ -1,4 +1,4 @@
-"""Index sets of Eq. 2 and Eq. 3: reasoning steps (M1 / N1) and critical words (M2 / N2), SPEC §3.
+"""Index sets of Eq. 2 and Eq. 3: reasoning steps (M1 / N1) and critical words (M2 / N2), paper §3.2 and App. C.
 
 Steps and critical words are character spans `(start, end)` of one text, found once and shared by the
 teacher and the student (paper App. C.2); each model's tokenizer then maps them to its own token indices.
@@ -11,7 +11,7 @@ teacher and the student (paper App. C.2); each model's tokenizer then maps them 
 - `align(*kept)`: the span ids that count for every model, in text order.
 - `encode(tokenizer, text, steps, words, max_length)`: `(input_ids, step_tokens, word_tokens)`.
 
-Choices the spec leaves open:
+Choices the paper leaves open (docs/design.md, "Steps", "Critical words", "Tokens and identical shape"):
 - numerals use ASCII digits only (`[0-9]` for `\\d`);
 - a keyword matches case-insensitively where no letter, digit or "_" touches either end, and any run of
   whitespace matches a space inside a multi-word keyword; when matches of two keywords overlap, the
@@ -67,7 +67,7 @@ def keyword_spans(text: str, keywords: list[str], start: int = 0, end: int | Non
 def example_spans(
     question: str, rationale: str, prompt: str, keywords: list[str] | None = None, delimiters: str = "."
 ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
-    """text = prompt.format(question=question) + " " + rationale (SPEC §2), its steps (question's
+    """text = prompt.format(question=question) + " " + rationale (docs/design.md, "Text layout"), its steps (question's
     sentences, then the rationale's) and its critical words (numbers, or `keywords` when given),
     found only in the question and the rationale, never in the template."""
     if prompt.count("{question}") != 1:

@@ -5,10 +5,10 @@
 
 It prints, for one SVAMP training item and its PaLM rationale (cut before "The answer is", data.py), each quantity of
 one MoLSAKI step under a header naming its equation and the function that computes it (a place for a breakpoint):
-the text (SPEC §2), the steps and critical words as character spans (Eq. 2/3), their token groups under each
-tokenizer (App. C.2), A_t of two teacher layers (Eq. 2), G and p_t (Eq. 4), p_s of a fresh router (Eq. 5), the mixed
-A_t and A_s, their row softmaxes and L_att (Eq. 6), and the total loss (Eq. 1, Eq. 7). Numbers have 4 decimals;
-tables show at most 8 steps x 10 words (and say when they cut).
+the text (docs/design.md, "Text layout"), the steps and critical words as character spans (Eq. 2/3), their token
+groups under each tokenizer (App. C.2), A_t of two teacher layers (Eq. 2), G and p_t (Eq. 4), p_s of a fresh router
+(Eq. 5), the mixed A_t and A_s, their row softmaxes and L_att (Eq. 6), and the loss of the step (Eq. 1, Eq. 7).
+Numbers have 4 decimals; tables show at most 8 steps x 10 words (and say when they cut).
 
 Public functions:
     walk(teacher, t_tok, student, s_tok, example, tau1, tau2, alpha, beta, max_length) -> dict of every quantity
@@ -16,18 +16,29 @@ Public functions:
     svamp_example(example_id, data_dir) -> dict   a SVAMP train record with its PaLM rationale
     parse_args(argv), main(argv)
 
-The computation is the training code's, unbatched: the teacher's A_t comes from attention.capture under no_grad with
-logits_to_keep=1 (as data.build_attention_cache), the student's A_s and value states from attention.capture on the
-L_exp forward (as train.step_losses), the labels from train._task. Both models must use the capturing attention
-(models.load_model(..., attn_implementation=attention.ATTN)). Nothing is trained: the step runs under no_grad.
+The flow is train.py's on a batch of this one example, under no_grad (nothing is trained):
+    1. data.build_attention_cache: the teacher cache of the example (capture.capture, logits_to_keep=1), A_t per
+       teacher layer [L1, S, W];
+    2. data.features and data.collate on that cache: the example's features and micro-batch, as train.py's loop
+       builds them (task ids and labels, the student's token groups, the mixed A_t and p_t);
+    3. one call of train.step (Eq. 7) on them, with train.py's flags (flags.parse_args) but tau1, tau2, alpha, beta
+       and max_length as given, and a fresh router (mol.StudentRouter, as at step 0); its read_attention is
+       capture.capture, with the record kept so that the step's own A_s, value states and p_s can be shown.
+L_pre, L_exp, L_att and the total of block 8 are that call's parts. The blocks before it recompute each equation
+from the cached per-layer A_t and the step's A_s and p_s with the equation functions (mol.column_gradient,
+mol.teacher_layer_weights, mol.mix_layers, losses.stepwise_kl), so block 7's L_att is the step's L_att term by term.
+Both models must use the capturing attention (models.load_model(..., attn_implementation=capture.register())).
 """
+
+import contextlib
 
 import torch
 
-import attention
+import capture
 import cli
 import data
 import fetch
+import flags
 import losses
 import models
 import mol
@@ -40,46 +51,56 @@ ROWS, COLS, PER_LINE = 8, 10, 10  # table size shown; layers (or steps) per line
 @torch.no_grad()
 def walk(teacher, t_tok, student, s_tok, example, tau1=0.1, tau2=0.5, alpha=0.5, beta=1.0, max_length=512):
     """Every quantity of one MoLSAKI step on `example` {id, question, answer, rationale}, the rationale without its
-    answer statement. Tensors are float32 on the CPU; the router (fresh, as at step 0) is returned too."""
+    answer statement: the step is one call of train.step on the example's features (data.features on its teacher
+    cache); its parts are under "step". Tensors are float32 on the CPU; the router (fresh, as at step 0), the
+    features and the teacher cache are returned too."""
+    args = flags.parse_args(["--method", "molsaki", "--tau1", repr(tau1), "--tau2", repr(tau2), "--alpha", repr(alpha),
+                             "--beta", repr(beta), "--max-length", str(max_length)])
     q, r = example["question"], example["rationale"]
-    text, steps, words = spans.example_spans(q, r, data.EXP_PROMPT)  # Eq. 2/3: M1/N1 and M2/N2 as character spans
+    # Eq. 2/3: M1/N1 and M2/N2 as character spans; the token groups as the cache (teacher) and features (student)
+    # find them, the student's with room for EOS (data.task_ids)
+    text, steps, words = spans.example_spans(q, r, data.EXP_PROMPT, example.get("keywords"), args.delimiters)
     t_ids, t_steps, t_words = spans.encode(t_tok, text, steps, words, max_length)
-    s_ids, s_steps, s_words = spans.encode(s_tok, text, steps, words, max_length - 1)  # room for EOS (train._task)
+    s_ids, s_steps, s_words = spans.encode(s_tok, text, steps, words, max_length - 1)
     step_ids, word_ids = spans.align(t_steps, s_steps), spans.align(t_words, s_words)  # App. C.2: one shape
     if not step_ids or not word_ids:
         raise ValueError(f"{example['id']}: no step or no critical word that both models keep, so no L_att")
-    t_groups = ([t_steps[k] for k in step_ids], [t_words[k] for k in word_ids])
-    s_groups = ([s_steps[k] for k in step_ids], [s_words[k] for k in word_ids])
 
-    with attention.capture(teacher, [t_groups]) as cap:  # Eq. 2, as data.build_attention_cache
-        teacher(torch.tensor([t_ids], device=teacher.device), logits_to_keep=1)
-    A_t_layers = cap.stepwise()[0].float().cpu()  # [L1, S, W]
+    cache = data.build_attention_cache(teacher, t_tok, [example], {"delimiters": args.delimiters}, max_length, 1)
+    item = cache["items"][example["id"]]  # Eq. 2 over the steps and words the teacher keeps
+    A_t_layers = item["A"][:, [item["step_ids"].index(k) for k in step_ids]][
+        :, :, [item["word_ids"].index(k) for k in word_ids]]  # [L1, S, W], both models' steps and words
     G = mol.column_gradient(A_t_layers)  # Eq. 4, [L1]
     p_t = mol.teacher_layer_weights(A_t_layers, tau1)  # Eq. 4, [L1]
 
-    pre_ids, pre_labels = train._task(s_tok, data.PRE_PROMPT.format(question=q), " " + example["answer"], max_length)
-    exp_ids, exp_labels = train._task(s_tok, data.EXP_PROMPT.format(question=q), " " + r, max_length)
-    pre_ids, pre_labels, exp_ids, exp_labels = (torch.tensor([x], device=student.device)
-                                                for x in (pre_ids, pre_labels, exp_ids, exp_labels))
-    l_pre = losses.target_cross_entropy(student(pre_ids).logits, pre_labels).cpu()  # Eq. 1
-    with attention.capture(student, [s_groups], values=True) as cap:  # Eq. 3 on the L_exp forward (train.step_losses)
-        l_exp = losses.target_cross_entropy(student(exp_ids).logits, exp_labels).cpu()  # Eq. 1
-    A_s_layers = cap.stepwise()[0].float().cpu()  # [L2, S, W]
-    values = cap.value_states()[0].float().cpu()  # [L2, N, d], one text: no padding, no mask
-    router = mol.StudentRouter(values.shape[-1], values.shape[0], tau2)
-    p_s = router(values)  # Eq. 5, [L2]
+    feat = data.features(args, [example], s_tok, cache, student.config.num_hidden_layers)[0]
+    router = mol.StudentRouter(capture.value_dim(student.config), student.config.num_hidden_layers, tau2)
+    router = router.to(student.device)
+    caps = []
+
+    @contextlib.contextmanager
+    def read_attention(lm, groups, values=False):  # capture.capture, its record kept for the blocks below
+        with capture.capture(lm, groups, values=values) as cap:
+            caps.append(cap)
+            yield cap
+
+    _, parts = train.step(args, student, router, data.collate([feat], s_tok.pad_token_id), [feat],
+                          read_attention=read_attention)  # Eq. 1, 3, 5, 6, 7
+    parts = {k: v.float().cpu() for k, v in parts.items()}
+    A_s_layers = caps[0].stepwise()[0].float().cpu()  # [L2, S, W], the step's L_exp forward
+    values = caps[0].value_states()[0].float().cpu()  # [L2, N, d], one text: no padding
+    p_s = parts["p_s"]  # Eq. 5, [L2]: the router on the step's value states (a batch of one: its mean is itself)
 
     A_t, A_s = mol.mix_layers(A_t_layers, p_t), mol.mix_layers(A_s_layers, p_s)  # Eq. 6, [S, W] each
     kl_steps = torch.stack([losses.stepwise_kl(A_t[i:i + 1], A_s[i:i + 1]) for i in range(len(step_ids))])  # [S]
-    l_att = losses.stepwise_kl(A_t, A_s)  # Eq. 6: the mean of kl_steps
-    total = losses.total_loss(l_pre, l_exp, l_att, alpha, beta)  # Eq. 7
+    l_att = losses.stepwise_kl(A_t, A_s)  # Eq. 6: the mean of kl_steps; the step's parts["att"]
     return {"example": example, "text": text, "steps": steps, "words": words, "step_ids": step_ids,
             "word_ids": word_ids, "tau1": tau1, "tau2": tau2, "alpha": alpha, "beta": beta,
             "teacher_tokens": t_tok.convert_ids_to_tokens(t_ids), "student_tokens": s_tok.convert_ids_to_tokens(s_ids),
-            "teacher_groups": (t_steps, t_words), "student_groups": (s_steps, s_words), "groups_s": s_groups,
-            "A_t_layers": A_t_layers, "G": G, "p_t": p_t, "values": values, "router": router, "p_s": p_s,
-            "A_s_layers": A_s_layers, "A_t": A_t, "A_s": A_s, "soft_t": A_t.softmax(-1), "soft_s": A_s.softmax(-1),
-            "kl_steps": kl_steps, "l_att": l_att, "l_pre": l_pre, "l_exp": l_exp, "total": total}
+            "teacher_groups": (t_steps, t_words), "student_groups": (s_steps, s_words), "groups_s": feat["groups"],
+            "cache": cache, "feature": feat, "A_t_layers": A_t_layers, "G": G, "p_t": p_t, "values": values,
+            "router": router, "p_s": p_s, "A_s_layers": A_s_layers, "A_t": A_t, "A_s": A_s,
+            "soft_t": A_t.softmax(-1), "soft_s": A_s.softmax(-1), "kl_steps": kl_steps, "l_att": l_att, "step": parts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +156,8 @@ def report(w) -> str:
     """The printed walkthrough of walk's dict: eight blocks, each headed by its equation and function."""
     e = w["example"]
     out = [f"MoLSAKI walkthrough (Figure 3): {e['id']}, gold answer a = {e['answer']}"]
-    _header(1, "SPEC §2 text", "spans.example_spans: data.EXP_PROMPT.format(question=q) + ' ' + r", out)
+    _header(1, "Text layout (docs/design.md)", "spans.example_spans: data.EXP_PROMPT.format(question=q) + ' ' + r",
+            out)
     out += ["  " + line for line in w["text"].split("\n")]
 
     _header(2, "Eq. 2/3 index sets", "spans.example_spans (steps M1/N1, critical words M2/N2)", out)
@@ -147,7 +169,7 @@ def report(w) -> str:
 
     L1, L2 = len(w["p_t"]), len(w["p_s"])
     _header(4, "Eq. 2  A_t of the first and last teacher layer",
-            "attention.capture (no_grad, logits_to_keep=1, as data.build_attention_cache)", out)
+            "data.build_attention_cache (capture.capture, no_grad, logits_to_keep=1)", out)
     out.append(f"A_l[s, w] = mean over heads of the attention of step s's tokens on word w's tokens; L1 = {L1} "
                "layers, numbered from 1 as in the paper")
     for layer in (0, L1 - 1):
@@ -158,7 +180,7 @@ def report(w) -> str:
     _rows("layer", ["G", "p_t"], [w["G"], w["p_t"]], out)
 
     _header(6, "Eq. 5  p_s", f"mol.StudentRouter(d = {w['values'].shape[-1]}, L2 = {L2}, tau2 = {w['tau2']}) on "
-            "attention.capture(values=True).value_states()", out)
+            "capture.capture(values=True).value_states(), in train.step", out)
     out.append("p_s = softmax((H w + b) / tau2), H[l] = sum over tokens of RMSNorm(V_l); a fresh router has w = 0, "
                "b = 0 (p_s uniform), train.py learns them")
     _rows("layer", ["p_s"], [w["p_s"]], out)
@@ -172,13 +194,13 @@ def report(w) -> str:
     _rows("step", ["KL"], [w["kl_steps"]], out, first=0)
     out.append(f"  L_att = {w['l_att'].item():.4f}  (the mean over steps)")
 
-    _header(8, "Eq. 1 and Eq. 7  the loss of one step",
-            "losses.target_cross_entropy (labels of train._task), losses.total_loss", out)
-    a, b = w["alpha"], w["beta"]
-    out += [f"  L_pre = {w['l_pre'].item():.4f}  (target ' {e['answer']}' + EOS after data.PRE_PROMPT)",
-            f"  L_exp = {w['l_exp'].item():.4f}  (target ' r' + EOS after data.EXP_PROMPT)",
-            f"  L_att = {w['l_att'].item():.4f}",
-            f"  L = {a} * L_pre + {1 - a} * L_exp + {b} * L_att = {w['total'].item():.4f}"]
+    _header(8, "Eq. 1 and Eq. 7  the loss of one step", "train.step on data.features -> data.collate: "
+            "losses.target_cross_entropy (data.task_ids labels), losses.total_loss", out)
+    a, b, parts = w["alpha"], w["beta"], w["step"]
+    out += [f"  L_pre = {parts['pre'].item():.4f}  (target ' {e['answer']}' + EOS after data.PRE_PROMPT)",
+            f"  L_exp = {parts['exp'].item():.4f}  (target ' r' + EOS after data.EXP_PROMPT)",
+            f"  L_att = {parts['att'].item():.4f}  (the step's; block 7 is the same term by term)",
+            f"  L = {a} * L_pre + {1 - a} * L_exp + {b} * L_att = {parts['loss'].item():.4f}"]
     return "\n".join(out)
 
 
@@ -210,8 +232,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         example = svamp_example(args.example, args.data_dir)
-        teacher, t_tok = models.load_model(args.teacher, attn_implementation=attention.ATTN)
-        student, s_tok = models.load_model(args.student, attn_implementation=attention.ATTN)
+        teacher, t_tok = models.load_model(args.teacher, attn_implementation=capture.register())
+        student, s_tok = models.load_model(args.student, attn_implementation=capture.register())
     except (ValueError, OSError, ImportError, fetch.DataUnavailable) as e:
         cli.fail(e)
     print(report(walk(teacher.eval(), t_tok, student.eval(), s_tok, example)))

@@ -3,22 +3,23 @@
     python -m experiments.bench                  # smollm2-135m student, gemma3-270m teacher, batch 4, N = 512
     python -m experiments.bench --quick          # tiny random models, under a minute on 2 CPU cores
 
-No paper equation lives here; it measures the routes of attention.py (SPEC §4) inside the real training step of
+No paper equation lives here; it measures the routes of attention.py / capture.py inside the real training step of
 train.py. Every configuration runs in its own process, so that its peak memory is its own: a fresh fork of a server
 process that has only imported the modules (importing torch and transformers takes 3-7 s, more than a --quick
 configuration); `python -m experiments.bench --one '<json>'` runs one in this process and prints its JSON (for
 profiling). Four sections, one markdown table each on stdout and in `--out/bench.md`, every number in
 `--out/bench.json`:
 
-- train: one optimizer step (`train.step_losses`: the pre and exp passes, losses, backward, clipping, AdamW) of dss
-  (SDPA), molsaki through the fast capture, and molsaki through eager `output_attentions` (the naive route), same
-  student and batch, as ratios to dss. On a shared machine a whole process runs faster or slower by more than the
-  difference measured, so the routes take turns, `--rounds` processes each (dss, molsaki, naive, alternating, dss,
-  ...): step time = the median of all timed steps of a route, memory the median over its processes, and the table
-  adds the ratio within each round. Each round's alternating process runs the three routes on one model, a step
-  each in turn; the time target uses the median of those per-cycle ratios (steps a minute apart).
+- train: one optimizer step (`train.step`: the pre and exp passes and Eq. 7; then one backward, clipping, AdamW) of dss
+  (SDPA), molsaki through the fast capture, and molsaki through eager attention (the naive route: the same `train.step`,
+  its attention read by `eager_attention`), same student and batch, as ratios to dss. On a shared machine a whole
+  process runs faster or slower by more than the difference measured, so the routes take turns, `--rounds` processes
+  each (dss, molsaki, naive, alternating, dss, ...): step time = the median of all timed steps of a route, memory the
+  median over its processes, and the table adds the ratio within each round. Each round's alternating process runs the
+  three routes on one model, a step each in turn; the time target uses the median of those per-cycle ratios (steps a
+  minute apart).
 - capture: forward + backward of the student alone (batch 1, `logits_to_keep=1`) for N in `--lengths`: plain SDPA,
-  the capture (loss sum(A * w)), eager attention (the same loss).
+  the capture (loss sum(A * w)), eager attention through `eager_attention` (the same loss).
 - teacher: examples per second of `data.build_attention_cache`, and teacher forward passes per training example
   counted by a forward pre-hook, against recomputing the teacher at every step.
 - flops: FLOPs of one training step (forward and backward) of vanilla, dss, mmi, molsaki and naive, as the paper's
@@ -36,7 +37,8 @@ keeps glibc's settings), so that step times count the work, not the page faults 
 The synthetic batch: a built-in problem's question (`problems.make_problems`) and the rationales of as many problems
 as it takes for the exp text to reach N tokens, with its real steps and numbers (`spans`); the pre task is that
 question and its answer. The teacher target A_t is random (the teacher is cached, not part of a step). The naive
-route gets the router's value states from forward hooks on each layer's `v_proj` (uniform p_s without one).
+route reads A from the probabilities each eager attention module returns and the router's value states from its
+value projection (`v_proj`, or the value third of GPT-2's fused `c_attn`), by forward hooks (`eager_attention`).
 Models: `--model` / `--teacher` take what train.py takes, the tiny random ones of --quick, or `random:FOLDER` (a
 folder with only a config and a tokenizer: random weights of that shape, for a GPU machine that cannot take the real
 weights; the same step time and memory) or `random:NAME` of SHAPES. On CUDA the train and capture sections run
@@ -46,10 +48,10 @@ Why ~900 lines and not 500: four instruments that share the model loading, the s
 each route (`_route_step`, `_stepper`), the timer and the process runner, but each needs its own meter (step time
 over interleaved rounds, RSS and saved-tensor memory, a forward-hook count, a FLOP counter with its by-hand kernels)
 and its own table with the numbers that make it checkable (rounds, per-cycle ratios, notes); and the naive route
-re-implements molsaki's step losses on eager attention, which train.py does not have.
+needs a reader of eager attention with the capture's interface (`eager_attention`), which train.py does not have.
 
 Public functions: `parse_args`, `configs`, `pin_malloc`, `run_one`, `bench_train`, `bench_alternate`,
-`bench_capture`, `bench_teacher`, `bench_flops`, `count_flops`, `attention_flops`, `naive_step_losses`,
+`bench_capture`, `bench_teacher`, `bench_flops`, `count_flops`, `attention_flops`, `eager_attention`,
 `long_examples`, `summarize`, `tables`, `main`.
 """
 
@@ -84,8 +86,9 @@ from transformers import (
 )
 
 import attention
+import capture
 import data
-import losses
+import flags
 import models
 import mol
 import problems
@@ -104,10 +107,10 @@ COMPARE = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 TARGETS = {"time": ("<=", 1.10), "memory": ("<=", 1.10), "capture_memory": (">=", 8.0), "teacher_passes": ("==", 1.0)}
 SVAMP_TRAIN = 800  # the paper's schedule: 4000 steps x batch 16 over the 800 SVAMP training items
 TEACHER_LAYERS = 18  # A_t's layers before mixing (gemma3-270m); only its mixed [S, W] enters a step
-TRAIN_ROUTES = {"dss": "sdpa", "molsaki": attention.ATTN, "naive": "eager"}
-FLOP_ROUTES = {"vanilla": "sdpa", "dss": "sdpa", "mmi": "sdpa", "molsaki": attention.ATTN, "naive": "eager"}
+TRAIN_ROUTES = {"dss": "sdpa", "molsaki": capture.register(), "naive": "eager"}
+FLOP_ROUTES = {"vanilla": "sdpa", "dss": "sdpa", "mmi": "sdpa", "molsaki": capture.register(), "naive": "eager"}
 TABLE5 = {"gpt2-large": {"vanilla": 2.007, "dss": 6.081, "mmi": 6.0810010, "molsaki": 6.0810273}}  # x 1e11 FLOPs
-CAPTURE_ROUTES = {"sdpa": "sdpa", "capture": attention.ATTN, "eager": "eager"}
+CAPTURE_ROUTES = {"sdpa": "sdpa", "capture": capture.register(), "eager": "eager"}
 SECTIONS = ("train", "capture", "teacher", "flops")
 
 
@@ -183,7 +186,7 @@ def tiny_config(name):
     if name == "tiny-gemma3":
         return Gemma3TextConfig(**llama, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
                                 sliding_window=64, layer_types=["sliding_attention"] * 2 + ["full_attention"])
-    if name == "tiny-gpt2":  # attention dropout 0.1, as GPT-2's: the capture's second SDPA call (attention.py)
+    if name == "tiny-gpt2":  # attention dropout 0.1, as GPT-2's: the capture's second SDPA call (capture.py)
         return GPT2Config(**common, n_embd=64, n_layer=2, n_head=4)
     return None
 
@@ -256,39 +259,67 @@ def _groups(tok, example, n_tokens):
 
 
 # ---------------------------------------------------------------------------------------------
-# The naive route: molsaki's step losses through eager output_attentions.
+# The naive route: train.step with A and the value states read from eager attention.
 
 
-def _value_projections(model):
-    return [m for name, m in model.named_modules() if name.endswith("self_attn.v_proj")]
+def _attention_modules(model):
+    """Each layer's attention module, in layer order: the modules that own a value projection (`v_proj`) or GPT-2's
+    fused query-key-value projection (`c_attn`)."""
+    return [m for m in model.modules() if hasattr(m, "v_proj") or hasattr(m, "c_attn")]
 
 
-def naive_step_losses(args, student, router, batch, feats, device):
-    """train.step_losses of molsaki, with A from eager `output_attentions` and the router's values from
-    forward hooks on `v_proj` (router None: uniform p_s). Returns the total loss (Eq. 7)."""
-    t = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    values = {}
-    with autocast:
-        pre = student(t["pre_ids"], attention_mask=t["pre_mask"]).logits
-        l_pre = losses.target_cross_entropy(pre, t["pre_labels"])
-        hooks = [m.register_forward_hook(lambda m, i, o, k=k: values.__setitem__(k, o))
-                 for k, m in enumerate(_value_projections(student))] if router else []
-        try:
-            out = student(t["exp_ids"], attention_mask=t["exp_mask"], output_attentions=True)
-        finally:
-            for h in hooks:
-                h.remove()
-        l_exp = losses.target_cross_entropy(out.logits, t["exp_labels"])
-    A_s = attention.stepwise_from_attentions_batched(out.attentions, [f["groups"] for f in feats])
-    L = len(out.attentions)
-    if router:
-        p_s = router(torch.stack([values[k] for k in range(L)], 1), t["exp_mask"])  # [B, L], Eq. 5
-    else:
-        p_s = torch.full((len(feats), L), 1.0 / L, device=device)
-    pairs = [(f["A_t"].to(device), mol.mix_layers(a, p)) for f, a, p in zip(feats, A_s, p_s, strict=True)]
-    l_att, _ = losses.attention_loss(pairs)
-    return losses.total_loss(l_pre, l_exp, l_att, args.alpha, args.beta)
+class _EagerRead:
+    """What one forward pass under `eager_attention` records: per layer the eager probabilities [B, H, N, N] and
+    the value states [B, N, d]."""
+
+    def __init__(self, groups):
+        self.groups, self.probs, self.values = groups, {}, {}
+
+    def stepwise(self):
+        """Per example [L, S_b, W_b] (`attention.stepwise_from_attentions_batched`, in float32 under autocast too,
+        as the capture sums)."""
+        probs = [self.probs[i] for i in sorted(self.probs)]
+        with torch.autocast(probs[0].device.type, enabled=False):
+            return attention.stepwise_from_attentions_batched(probs, self.groups)
+
+    def value_states(self):
+        """[B, L, N, d], as `capture.Capture.value_states`: the router's input (Eq. 5)."""
+        return torch.stack([self.values[i] for i in sorted(self.values)], 1)
+
+
+@contextmanager
+def eager_attention(model, groups, values=False):
+    """`capture.capture`'s interface (`train.step`'s read_attention) on a model with eager attention: forward hooks
+    on each layer's attention module record the probabilities it returns beside its output (in transformers 5 an
+    eager attention module returns (output, probabilities) whether or not output_attentions is asked; under
+    attention dropout, as GPT-2's in training, they are the post-dropout ones, as output_attentions gives them),
+    and with values=True hooks on its value projection record the value states: the output of `v_proj`, or the
+    value third of GPT-2's `c_attn`."""
+    if model.config._attn_implementation != "eager":
+        raise ValueError(f"model attention is '{model.config._attn_implementation}': eager_attention needs "
+                         "model.set_attn_implementation('eager')")
+    read, d = _EagerRead(groups), capture.value_dim(model.config)
+
+    def keep_probs(i):
+        def hook(module, args, out):
+            if out[1] is None:
+                raise ValueError(f"{type(module).__name__} returned no attention probabilities")
+            read.probs[i] = out[1]
+        return hook
+
+    def keep_values(i):
+        return lambda module, args, out: read.values.__setitem__(i, out[..., -d:])  # v_proj: all of it; c_attn: V
+
+    hooks = []
+    try:
+        for i, m in enumerate(_attention_modules(model)):
+            hooks.append(m.register_forward_hook(keep_probs(i)))
+            if values:
+                hooks.append((m.v_proj if hasattr(m, "v_proj") else m.c_attn).register_forward_hook(keep_values(i)))
+        yield read
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,58 +428,50 @@ def _stepper(run, params, opt=None, max_norm=None):
     return step
 
 
-def _route_step(route, cfg, student, tok, router, opt, device):
+def _route_step(route, cfg, student, tok, router, opt):
     """One optimizer step of `route` (a method of train.py, or naive: molsaki through eager attention) on `student`,
     whose attention must be the route's (or molsaki, which is plain SDPA outside a capture, for the others):
-    (step as _stepper gives it, batch, features, router, run), run() being the step's passes and their backward alone
-    (train.step_losses runs a backward per task; the naive route, one backward of its total)."""
+    (step as _stepper gives it, batch, features, run), run() being the step's passes and their backward alone:
+    `train.step` and one backward of its loss, the naive route's attention read by `eager_attention`."""
     N = cfg["seq_len"]
     method = "molsaki" if route == "naive" else route
-    args = train.parse_args(["--method", method, "--max-length", str(N), "--student", cfg["model"]])
+    args = flags.parse_args(["--method", method, "--max-length", str(N), "--student", cfg["model"]])
     examples = long_examples(tok, cfg["batch_size"], N)
     cache = fake_cache(tok, examples, N) if method == "molsaki" else None
-    feats = train.features(args, examples, tok, cache, student.config.num_hidden_layers)
-    batch = train.collate(feats, tok.pad_token_id)
-    router = router if _uses_router(route, student) else None
+    feats = data.features(args, examples, tok, cache, student.config.num_hidden_layers)
+    batch = data.collate(feats, tok.pad_token_id)
+    read = eager_attention if route == "naive" else capture.capture
     params = [p for g in opt.param_groups for p in g["params"]] if opt else []
 
     def run():
-        if route == "naive":
-            naive_step_losses(args, student, router, batch, feats, device).backward()
-        else:
-            train.step_losses(args, student, router, batch, feats, device)
+        loss, _ = train.step(args, student, router if method == "molsaki" else None, batch, feats, read_attention=read)
+        loss.backward()
 
-    return _stepper(run, params, opt, args.max_grad_norm), batch, feats, router, run
-
-
-def _uses_router(route, student):
-    """molsaki routes the capture's value states (Eq. 5), naive the outputs of v_proj where the model has one."""
-    return route == "molsaki" or (route == "naive" and bool(_value_projections(student)))
+    return _stepper(run, params, opt, args.max_grad_norm), batch, feats, run
 
 
 def _student(cfg, attn, device, routes):
-    """The student, the router of `routes` (or None) and one AdamW over both."""
+    """The student, the router of `routes` (molsaki and naive have one; else None) and one AdamW over both."""
     student, tok = load(cfg["model"], attn)
     student.to(device).train()
     router = None
-    if any(_uses_router(r, student) for r in routes):
-        router = mol.StudentRouter(train._value_dim(student.config), student.config.num_hidden_layers,
-                                   train.parse_args([]).tau2).to(device)
+    if {"molsaki", "naive"} & set(routes):
+        router = mol.StudentRouter(capture.value_dim(student.config), student.config.num_hidden_layers,
+                                   flags.parse_args([]).tau2).to(device)
     params = list(student.parameters()) + (list(router.parameters()) if router else [])
     return student, tok, router, torch.optim.AdamW(params, lr=1e-6)
 
 
 def bench_train(cfg, device):
-    """One optimizer step of dss / molsaki (fast capture) / naive (eager output_attentions)."""
+    """One optimizer step of dss / molsaki (fast capture) / naive (eager attention)."""
     route = cfg["route"]
     if route == "alternate":
         return bench_alternate(cfg, device)
     student, tok, router, opt = _student(cfg, TRAIN_ROUTES[route], device, [route])
-    step, batch, feats, router, _ = _route_step(route, cfg, student, tok, router, opt, device)
+    step, batch, feats, _ = _route_step(route, cfg, student, tok, router, opt)
     out = _measure(step, student, device, cfg["warmup"], cfg["steps"])
     out.update(exp_tokens=batch["exp_mask"].sum(1).tolist(), pre_tokens=batch["pre_mask"].sum(1).tolist(),
-               router="value states (capture)" if route == "molsaki" else
-               "v_proj hooks" if router else "none (uniform p_s)" if route == "naive" else "none",
+               router={"molsaki": "value states (capture)", "naive": "value states (hooks)"}.get(route, "none"),
                steps=[len(f.get("groups", ([], []))[0]) for f in feats],
                words=[len(f.get("groups", ([], []))[1]) for f in feats])
     return out
@@ -459,12 +482,12 @@ def bench_alternate(cfg, device):
     each cycle's ratios compare steps taken within a minute of each other. One model: its attention is molsaki
     (plain SDPA outside a capture, so dss steps run exactly as with SDPA), switched to eager for naive steps.
     The first cycle is warm-up; `steps` cycles are timed."""
-    student, tok, router, opt = _student(cfg, attention.ATTN, device, TRAIN_ROUTES)
-    steps = {r: _route_step(r, cfg, student, tok, router, opt, device)[0] for r in TRAIN_ROUTES}
+    student, tok, router, opt = _student(cfg, capture.register(), device, TRAIN_ROUTES)
+    steps = {r: _route_step(r, cfg, student, tok, router, opt)[0] for r in TRAIN_ROUTES}
     routes, times = list(TRAIN_ROUTES), {r: [] for r in TRAIN_ROUTES}
     for cycle in range(1 + cfg["steps"]):
         for route in routes[cycle % len(routes):] + routes[:cycle % len(routes)]:
-            student.set_attn_implementation(TRAIN_ROUTES[route] if route == "naive" else attention.ATTN)
+            student.set_attn_implementation(TRAIN_ROUTES[route] if route == "naive" else capture.register())
             sec = _timed(steps[route], device)[0]
             if cycle:
                 times[route].append(sec)
@@ -487,11 +510,12 @@ def bench_capture(cfg, device):
         if route == "sdpa":
             return model(ids, attention_mask=mask, logits_to_keep=1).logits.float().sum()
         if route == "capture":
-            with attention.capture(model, groups) as cap:
+            with capture.capture(model, groups) as cap:
                 model(ids, attention_mask=mask, logits_to_keep=1)
             return (cap.stepwise()[0] * w).sum()
-        out = model(ids, attention_mask=mask, logits_to_keep=1, output_attentions=True)
-        return (attention.stepwise_from_attentions_batched(out.attentions, groups)[0] * w).sum()
+        with eager_attention(model, groups) as cap:
+            model(ids, attention_mask=mask, logits_to_keep=1)
+        return (cap.stepwise()[0] * w).sum()
 
     out = _measure(_stepper(lambda: loss().backward(), list(model.parameters())), model, device, cfg["warmup"],
                    cfg["steps"])
@@ -501,7 +525,7 @@ def bench_capture(cfg, device):
 
 def bench_teacher(cfg, device):
     """The cache pass over built-in problems: time, and teacher forward calls counted by a pre-hook."""
-    model, tok = load(cfg["teacher"], attention.ATTN)
+    model, tok = load(cfg["teacher"], capture.register())
     model.to(device).eval()
     examples = problems.make_problems(cfg["cache_examples"], seed=0)
     meta = {"delimiters": "."}
@@ -514,7 +538,7 @@ def bench_teacher(cfg, device):
     hook.remove()
     tokens = sum(len(tok(data.EXP_PROMPT.format(question=e["question"]) + " " + e["rationale"])["input_ids"])
                  for e in examples)
-    paper = train.SCHEDULE["paper"]
+    paper = flags.SCHEDULE["paper"]
     return {"examples": len(examples), "cached": len(cache["items"]), "forward_calls": len(calls),
             "examples_seen": sum(calls), "sec": sec, "examples_per_sec": len(examples) / sec,
             "tokens_per_sec": tokens / sec, "passes_per_example": sum(calls) / len(examples),
@@ -631,14 +655,15 @@ FLOP_NOTES = [
 
 
 def bench_flops(cfg, device):
-    """FLOPs of one training step of each method of FLOP_ROUTES on one student: the step's forward (train.step_losses;
-    naive_step_losses) and its backward, by count_flops. Clipping and AdamW, elementwise, are left out (they count 0).
-    One model, as bench_alternate: molsaki attention (plain SDPA outside a capture), eager for naive."""
-    student, tok, router, _ = _student(cfg, attention.ATTN, device, FLOP_ROUTES)
+    """FLOPs of one training step of each method of FLOP_ROUTES on one student: the step's forward (train.step; for
+    naive, its attention read by eager_attention) and its backward, by count_flops. Clipping and AdamW, elementwise,
+    are left out (they count 0). One model, as bench_alternate: molsaki attention (plain SDPA outside a capture), eager
+    for naive."""
+    student, tok, router, _ = _student(cfg, capture.register(), device, FLOP_ROUTES)
     out = {"params": sum(p.numel() for p in student.parameters()), "layers": student.config.num_hidden_layers}
     for route in FLOP_ROUTES:
-        _, batch, feats, _, run = _route_step(route, cfg, student, tok, router, None, device)
-        student.set_attn_implementation("eager" if route == "naive" else attention.ATTN)
+        _, batch, feats, run = _route_step(route, cfg, student, tok, router, None)
+        student.set_attn_implementation("eager" if route == "naive" else capture.register())
         with count_flops(cfg.get("fake", True)) as flops:
             run()
         out[route] = flops()
@@ -654,9 +679,9 @@ def bench_flops(cfg, device):
 
 def pin_malloc():
     """glibc: serve every allocation from the heap (no mmap) and never hand freed heap memory back to the OS, as
-    PyTorch's caching allocator keeps its blocks on CUDA. With glibc's default, memory freed during a step goes
-    back to the OS and is faulted in again at its next use: on this project's 2-core machine, about 0.85M page
-    faults per step and 2 s of a 12 s step, varying from process to process. With the mmap threshold raised to
+    PyTorch's caching allocator keeps its blocks on CUDA. With glibc's default, memory freed during a step goes back
+    to the OS and is faulted in again at its next use: on 2 cores of an x86_64 VM (torch 2.13, 2026-11), about 0.85M
+    page faults per step and 2 s of a 12 s step, varying from process to process. With the mmap threshold raised to
     its 32 MB limit instead, the logits and the larger activations still come from mmap (README, benchmark).
     Returns whether it applied (not on other C libraries)."""
     try:
@@ -770,7 +795,7 @@ def summarize(results):
             r["alt_ratios"] = [t / d for a in alternate for t, d in zip(a["times"][route], a["times"]["dss"],
                                                                        strict=True)]
             r["alt_sec"], r["alt_ratio"] = statistics.median(r["alt_times"]), statistics.median(r["alt_ratios"])
-    capture = []
+    capture_rows = []
     for n in sorted({r["seq_len"] for r in results if r["kind"] == "capture"}):
         by = {r["route"]: r for r in results if r["kind"] == "capture" and r["seq_len"] == n}
         row = {"seq_len": n, "words": next((r["words"] for r in by.values() if "words" in r), None),
@@ -779,17 +804,17 @@ def summarize(results):
         for k in ("capture", "eager"):  # memory the route keeps beyond what plain SDPA keeps
             row[f"extra_{k}"] = None if row[f"saved_{k}"] is None or base is None else row[f"saved_{k}"] - base
         row.update({f"{m}_ratio": _ratio(row[f"{m}_eager"], row[f"{m}_capture"]) for m in ("extra", "saved", "sec")})
-        capture.append(row)
+        capture_rows.append(row)
     teacher = next((r for r in results if r["kind"] == "teacher"), {})
     mol_row = train_rows.get("molsaki", {})
-    largest = next((row for row in reversed(capture) if row["extra_ratio"] is not None), {})
+    largest = next((row for row in reversed(capture_rows) if row["extra_ratio"] is not None), {})
     values = {"time": mol_row.get("alt_ratio", mol_row.get("sec_ratio")), "memory": mol_row.get("work_ratio"),
               "capture_memory": largest.get("extra_ratio"), "teacher_passes": teacher.get("passes_per_example")}
     targets = {k: {"value": v, "target": f"{TARGETS[k][0]} {TARGETS[k][1]}",
                    "met": None if v is None else COMPARE[TARGETS[k][0]](v, TARGETS[k][1])} for k, v in values.items()}
     targets["time"]["measured"] = ("alternating" if "alt_ratio" in mol_row else "own processes") if mol_row else None
     targets["capture_memory"]["seq_len"] = largest.get("seq_len")
-    return {"train": list(train_rows.values()), "alternate_errors": alternate_errors, "capture": capture,
+    return {"train": list(train_rows.values()), "alternate_errors": alternate_errors, "capture": capture_rows,
             "teacher": teacher, "targets": targets, "flops": _flop_rows(results)}
 
 
@@ -811,7 +836,7 @@ def _flop_rows(results):
 
 
 def _train_table(rows, args, alternate_errors):
-    names = {"dss": "dss (SDPA)", "molsaki": "molsaki, fast capture", "naive": "molsaki, eager output_attentions"}
+    names = {"dss": "dss (SDPA)", "molsaki": "molsaki, fast capture", "naive": "molsaki, eager attention"}
     first = next((r for r in rows if "device" in r), {})
     out = [f"## Training step: {args.model}, batch {args.batch_size}, N = {args.seq_len}, {first.get('device')}, "
            f"{first.get('threads')} threads, malloc {first.get('malloc')}", "",
@@ -876,7 +901,7 @@ def _teacher_table(t, args):
 
 
 def _flops_table(rows):
-    names = {"molsaki": "molsaki, fast capture", "naive": "molsaki, eager output_attentions"}
+    names = {"molsaki": "molsaki, fast capture", "naive": "molsaki, eager attention"}
     out = ["## FLOPs of one training step (forward and backward): FlopCounterMode, and by hand what it cannot see", "",
            "| student (random weights) | B x N | method | forward (GFLOP) | vs dss | forward + backward (GFLOP) | "
            "vs dss | of which by hand (GFLOP) | paper, Table 5: vs dss |", "|---|---|---|---|---|---|---|---|---|"]

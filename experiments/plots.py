@@ -14,9 +14,10 @@ Public functions: `run_argv`, `load_run`, `example_view`, `student_stepwise`, `s
 `critical_attention`, `numeric_share`, one `plot_*` per figure, `parse_args`, `main`.
 
 Choices:
-- The run is rebuilt from checkpoint/trainer_state.pt "args" (train.parse_args, train.training_examples: built-in
-  problems regenerate; real data needs --data-dir when the run read $MOLSAKI_DATA). A_t, p_t, the student's
-  token groups and the kept steps/words are those of train.features, so only molsaki runs can be drawn.
+- The run is rebuilt from checkpoint/trainer_state.pt "args" (flags.parse_args, data.training_examples: built-in
+  problems regenerate, the teacher's rationales are read from the run's rationales.jsonl; real data needs
+  --data-dir when the run read $MOLSAKI_DATA). A_t, p_t, the student's token groups and the kept steps/words are
+  those of data.features, so only molsaki runs can be drawn.
 - "Before" is the run's --student, "after" is RUN_DIR/checkpoint, both mixed with the same p_s: the trained
   router on the trained student's value states of the example (or the one-hot --layer-map), so the two panels
   differ only in the student's attention. Heatmaps show A as computed (sums of probabilities), own colour scale.
@@ -28,20 +29,21 @@ Choices:
 """
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
 
 import torch
 
-import attention
+import capture
 import cli
 import data
+import flags
 import losses
 import models
 import mol
 import spans
-import train
 
 
 def _pyplot():
@@ -70,16 +72,22 @@ def load_run(run_dir, data_dir=None):
     run_dir = Path(run_dir)
     state = data.load_torch(run_dir / "checkpoint" / "trainer_state.pt",
                             "pass the --out folder of a train.py run that saved a checkpoint")
-    args = train.parse_args(run_argv(state["args"], run_dir, data_dir))
+    args = flags.parse_args(run_argv(state["args"], run_dir, data_dir))
     if args.method != "molsaki" or not (run_dir / "teacher_cache.pt").exists():
         raise ValueError(f"{run_dir}: the figures need a molsaki run with teacher_cache.pt (method {args.method})")
     cache = data.load_torch(run_dir / "teacher_cache.pt", "delete it: train.py with the run's flags builds it again")
     rows = [json.loads(line) for line in open(run_dir / "log.jsonl")]
-    return args, state, train.training_examples(args), cache, rows
+    return args, state, data.training_examples(args, functools.cache(lambda: _teacher(args))), cache, rows
+
+
+def _teacher(args):
+    """The run's teacher (model, tokenizer) in eval mode, for data.training_examples when it asks for it."""
+    model, tok = models.load_model(args.teacher, attn_implementation=capture.register())
+    return model.eval(), tok
 
 
 def example_view(args, example, tok, item):
-    """Labels and the teacher's per-layer A [L1, S, W] of the steps and words both models keep (train.features)."""
+    """Labels and the teacher's per-layer A [L1, S, W] of the steps and words both models keep (data.features)."""
     text, steps, words = spans.example_spans(example["question"], example["rationale"], data.EXP_PROMPT,
                                              example.get("keywords"), args.delimiters)
     _, st, wt = spans.encode(tok, text, steps, words, args.max_length - 1)
@@ -100,7 +108,7 @@ def _short(text, n=25):
 def student_stepwise(model, feat):
     """The student's A_l [L2, S, W] (Eq. 3) and value states [L2, N, d] on the example's L_exp text, as in training."""
     ids = torch.tensor([feat["exp_ids"]])
-    with attention.capture(model, [feat["groups"]], values=True) as cap:
+    with capture.capture(model, [feat["groups"]], values=True) as cap:
         model(ids, attention_mask=torch.ones_like(ids))
     return cap.stepwise()[0].float(), cap.value_states()[0].float()
 
@@ -272,8 +280,8 @@ def main(argv=None):
     except ValueError as e:  # a file of the run that cannot be read, or not a molsaki run
         cli.fail(e)
 
-    after, tok = models.load_model(str(run_dir / "checkpoint"), attn_implementation=attention.ATTN)
-    feats = train.features(args, examples, tok, cache, after.config.num_hidden_layers)
+    after, tok = models.load_model(str(run_dir / "checkpoint"), attn_implementation=capture.register())
+    feats = data.features(args, examples, tok, cache, after.config.num_hidden_layers)
     ok = [i for i, f in enumerate(feats) if min(f["A_t"].shape) >= 2 and opts.example in (None, f["id"])]
     if not ok:
         raise ValueError(f"no example {opts.example or 'with >= 2 steps and >= 2 words'} in {run_dir}")
@@ -283,7 +291,7 @@ def main(argv=None):
 
     A_after, values = student_stepwise(after.eval(), f)
     p_s = student_weights(args, state, values, v["A"].shape[0])
-    before, _ = models.load_model(args.student, attn_implementation=attention.ATTN)
+    before, _ = models.load_model(args.student, attn_implementation=capture.register())
     A_before, _ = student_stepwise(before.eval(), f)
     mean_p_s = torch.tensor([r["p_s"] for r in rows[-max(1, len(rows) // 10):]]).mean(0)
 

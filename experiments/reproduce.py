@@ -10,7 +10,7 @@ Presets (`PRESETS`; real data is read from $MOLSAKI_DATA, as train.py and eval.p
             against MoL, beside dss and mmi; tested on SVAMP and ASDiv.
     table3  Table 3's hybrid setting: PaLM-540B rationales, Llama-3-8B attention, GPT-2 large; dss, mmi, molsaki.
             (Its unified rows, Llama-3-8B rationales and attention, are Table 1's GPT-2 large runs.)
-    small   this machine's grid: SVAMP with PaLM rationales, gemma3-270m attention, smollm2-135m student,
+    small   a grid sized for 2 CPU cores: SVAMP with PaLM rationales, gemma3-270m attention, smollm2-135m student,
             SMALL_STEPS steps of batch 8 at lr 1e-4 for every method; dss and molsaki seeds 0, 1, 2 (run first),
             vanilla, mmi, molsaki --layer-map last and molsaki at β = 10 and 100 seed 0; SVAMP, SingleEq, ASDiv,
             GSM8K in answer mode and SVAMP, SingleEq in cot mode too. Compared with Table 3's hybrid rows.

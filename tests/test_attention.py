@@ -1,4 +1,5 @@
-"""Eq. 2/3: the definition against a brute-force loop, and the fast capture against eager attention."""
+"""Eq. 2/3: the definition (attention.py) against a brute-force loop, and the fast capture (capture.py) against
+eager attention."""
 
 import random
 
@@ -7,7 +8,8 @@ import torch
 from tiny_models import ARCHS, tiny_model
 
 import attention
-from attention import capture, enable_capture, stepwise_attention, stepwise_from_attentions
+import capture
+from attention import stepwise_attention, stepwise_from_attentions
 
 
 def brute_force(probs, steps, words):
@@ -38,6 +40,12 @@ def test_stepwise_attention_hand_example():
     assert stepwise_attention(P, [], [[0]]).shape == (0, 1)
 
 
+def enable_capture(model):
+    """Switch a loaded model to the capturing attention."""
+    model.set_attn_implementation(capture.register())
+    return model
+
+
 def make_batch(lengths, pad_side, vocab, seed):
     """Token ids, attention mask and random step/word groups (positions in the padded rows)."""
     rnd = random.Random(seed)
@@ -65,7 +73,7 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("pad_side", ["left", "right", "none"])  # none: no mask, SDPA's is_causal
 @pytest.mark.parametrize("arch", ARCHS)
 def test_capture_equals_eager(arch, pad_side, block, device, monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK", block)
+    monkeypatch.setattr(capture, "BLOCK", block)
     model = tiny_model(arch, attn="eager").to(device)
     lengths = [14, 14, 14] if pad_side == "none" else [14, 9, 12]
     ids, mask, groups = make_batch(lengths, pad_side, 512, seed=hash(arch) % 100)
@@ -83,7 +91,7 @@ def test_capture_equals_eager(arch, pad_side, block, device, monkeypatch):
     eager_grads = grads(eager)
 
     enable_capture(model)
-    with capture(model, groups) as cap:
+    with capture.capture(model, groups) as cap:
         fast_logits = model(ids, attention_mask=mask).logits
     fast = cap.stepwise()
     assert len(fast) == 3
@@ -107,7 +115,7 @@ def test_capture_equals_eager(arch, pad_side, block, device, monkeypatch):
 def test_teacher_pass_no_grad_logits_to_keep():
     model = enable_capture(tiny_model("gemma3", attn="eager"))
     ids, mask, groups = make_batch([13, 10], "left", 512, seed=3)
-    with torch.no_grad(), capture(model, groups) as cap:
+    with torch.no_grad(), capture.capture(model, groups) as cap:
         out = model(ids, attention_mask=mask, logits_to_keep=1)
     assert out.logits.shape[1] == 1
     model.set_attn_implementation("eager")
@@ -124,7 +132,7 @@ def test_value_states_are_the_value_projection():
     seen = {}
     hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
              for k, layer in enumerate(model.model.layers)]
-    with capture(model, groups, values=True) as cap:
+    with capture.capture(model, groups, values=True) as cap:
         model(ids, attention_mask=mask)
     for h in hooks:
         h.remove()
@@ -135,8 +143,8 @@ def test_value_states_are_the_value_projection():
 
 def test_capture_requires_the_registered_attention():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="enable_capture"):
-        with capture(model, [([[0]], [[0]])]):
+    with pytest.raises(ValueError, match=r"attn_implementation=capture\.register\(\)"):
+        with capture.capture(model, [([[0]], [[0]])]):
             pass
 
 
@@ -155,7 +163,7 @@ def test_stepwise_from_attentions_batched_equals_per_example():
 
 
 def test_capture_is_pre_dropout():
-    """GPT-2 trains with attention dropout: A is pre-dropout (SPEC §4), the layer output is not."""
+    """GPT-2 trains with attention dropout: A is pre-dropout, the layer output is not."""
     model = tiny_model("gpt2", attn="eager")
     model.config.attn_pdrop = 0.5
     for block in model.transformer.h:
@@ -176,7 +184,7 @@ def test_capture_is_pre_dropout():
         clean = model(ids, attention_mask=mask).logits
     enable_capture(model).train()
     torch.manual_seed(0)
-    with capture(model, groups) as cap:
+    with capture.capture(model, groups) as cap:
         dropped = model(ids, attention_mask=mask).logits
     for A_f, A_e in zip(cap.stepwise(), eager, strict=True):
         torch.testing.assert_close(A_f[0], A_e[0], atol=1e-5, rtol=0)
@@ -188,12 +196,12 @@ def test_capture_is_pre_dropout():
 
 
 def test_blocks_skip_rows_outside_steps_and_hidden_critical_tokens(monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK", 4)
+    monkeypatch.setattr(capture, "BLOCK", 4)
     groups = [([[3, 4, 5], [6, 7, 8]], [[1], [4, 5], [9]]), ([[5, 6]], [[0], [2]]), ([], [[3]])]
     tokens = [[1, 4, 5, 9], [0, 2], [3]]
     # rows 3..8 (the first and last step rows); kc counts the critical tokens before r1, the most of any example
-    assert attention._blocks(groups, tokens) == [(3, 7, 3), (7, 9, 3)]
-    assert attention._blocks([([], [[1]])], [[1]]) == []
+    assert capture._blocks(groups, tokens) == [(3, 7, 3), (7, 9, 3)]
+    assert capture._blocks([([], [[1]])], [[1]]) == []
 
 
 def test_critical_probs_by_hand_equals_autograd(monkeypatch):
@@ -201,14 +209,14 @@ def test_critical_probs_by_hand_equals_autograd(monkeypatch):
     autograd straight through the readable critical_probs: the same [B, N, K] and the same gradients for
     query, key and pi, with grouped-query heads, a padded critical slot, rows that see no critical token, three
     blocks of rows, under bf16 autocast."""
-    monkeypatch.setattr(attention, "BLOCK", 4)
+    monkeypatch.setattr(capture, "BLOCK", 4)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 10, 8, generator=g).requires_grad_()
     k = torch.randn(2, 2, 10, 8, generator=g).requires_grad_()  # 2 KV heads for 4 query heads
     groups = [([list(range(10))], [[1], [4], [7]]), ([list(range(10))], [[0], [2]])]
-    rows, cols, valid, member, hit, blocks = attention._index(groups, 10, "cpu")
+    rows, cols, valid, member, hit, blocks = capture._index(groups, 10, "cpu")
     assert cols.tolist() == [[1, 4, 7], [0, 2, 0]] and blocks == [(0, 4, 2), (4, 8, 3), (8, 10, 3)]
-    bias = attention._critical_bias(None, cols, valid, 10)  # causal
+    bias = capture._critical_bias(None, cols, valid, 10)  # causal
     seen = (bias == 0).any(-1)  # [B, 1, N]: the row sees some critical token (not row 0 of example 0)
     pi = (torch.rand(2, 4, 10, generator=g) * seen).requires_grad_()  # as the layer gives it: 0 where none is seen
     w = torch.randn(2, 10, 3, generator=g)
@@ -225,7 +233,7 @@ def test_critical_probs_by_hand_equals_autograd(monkeypatch):
     direct = run(attention.critical_probs)
     assert all(d.abs().sum() > 0 for d in direct)
     assert direct[0][0, 0].abs().sum() == 0 and direct[0][1, :, 2].abs().sum() == 0  # row sees none; padding slot
-    for by_hand, d in zip(run(attention._CriticalProbs.apply, blocks), direct, strict=True):
+    for by_hand, d in zip(run(capture._CriticalProbs.apply, blocks), direct, strict=True):
         torch.testing.assert_close(by_hand, d, atol=1e-6, rtol=1e-5)
 
 
@@ -236,7 +244,7 @@ def test_capture_under_autocast_sums_in_float32():
     with torch.no_grad():
         eager = stepwise_from_attentions(model(ids, attention_mask=mask, output_attentions=True).attentions, groups)
     enable_capture(model)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), capture(model, groups) as cap:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), capture.capture(model, groups) as cap:
         model(ids, attention_mask=mask)
     for A_f, A_e in zip(cap.stepwise(), eager, strict=True):
         assert A_f.dtype == torch.float32

@@ -1,8 +1,8 @@
 """Tests for bench.py: `--quick` end to end, the naive route computes the same loss and gradients as the
-fast one (so the benchmark compares like with like), the teacher is run once per example (counted by what
-its attention layers see), the memory meter against a hand count, the synthetic batch's shape, and the FLOP
-counts: the by-hand formulas against FlopCounterMode where it sees the op, and a step's count with its matrix
-products faked equal to the count of running them."""
+fast one (both are train.step, only the attention reader differs: the benchmark compares like with like), the
+teacher is run once per example (counted by what its attention layers see), the memory meter against a hand count,
+the synthetic batch's shape, and the FLOP counts: the by-hand formulas against FlopCounterMode where it sees the op,
+and a step's count with its matrix products faked equal to the count of running them."""
 
 import json
 import math
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import attention
+import capture
+import data
+import flags
 import mol
 import train
 from experiments import bench
@@ -117,7 +119,7 @@ def test_alternating_process_runs_the_same_steps():
     def gradients(attn, route, routes):
         torch.manual_seed(0)
         student, tok, router, opt = bench._student(cfg, attn, device, routes)
-        step = bench._route_step(route, cfg, student, tok, router, opt, device)[0]
+        step = bench._route_step(route, cfg, student, tok, router, opt)[0]
         student.set_attn_implementation("eager" if route == "naive" else attn)
         grads = []
         opt.step = lambda: grads.extend(p.grad.clone() for g in opt.param_groups for p in g["params"]
@@ -126,7 +128,7 @@ def test_alternating_process_runs_the_same_steps():
         return grads, len(list(student.parameters()))
 
     for route, own in (("dss", "sdpa"), ("naive", "eager")):
-        (shared, _), (alone, n_student) = (gradients(attention.ATTN, route, bench.TRAIN_ROUTES),
+        (shared, _), (alone, n_student) = (gradients(capture.register(), route, bench.TRAIN_ROUTES),
                                            gradients(own, route, [route]))
         assert len(shared) == len(alone) and all(g.abs().sum() > 0 for g in alone[:n_student])
         for a, b in zip(shared, alone, strict=True):
@@ -134,50 +136,55 @@ def test_alternating_process_runs_the_same_steps():
 
 
 def batch_for(student, tok, n_examples=3, n_tokens=96):
-    args = train.parse_args(["--method", "molsaki", "--max-length", str(n_tokens)])
+    args = flags.parse_args(["--method", "molsaki", "--max-length", str(n_tokens)])
     examples = bench.long_examples(tok, n_examples, n_tokens)
-    feats = train.features(args, examples, tok, bench.fake_cache(tok, examples, n_tokens),
-                           student.config.num_hidden_layers)
-    return args, feats, train.collate(feats, tok.pad_token_id)
+    feats = data.features(args, examples, tok, bench.fake_cache(tok, examples, n_tokens),
+                          student.config.num_hidden_layers)
+    return args, feats, data.collate(feats, tok.pad_token_id)
 
 
-def test_naive_route_equals_fast_route():
-    student, tok = bench.load("tiny-llama", attention.ATTN)
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_naive_route_equals_fast_route(model):
+    """The naive route is train.step with `eager_attention` as its reader: its loss and gradients (student and router)
+    are those of train.step with the capture. GPT-2 in eval mode: under attention dropout eager attention returns
+    post-dropout probabilities and the capture A pre-dropout; its router reads the value third of the fused c_attn."""
+    student, tok = bench.load(model, capture.register())
+    if model == "tiny-gpt2":
+        student.eval()
     args, feats, batch = batch_for(student, tok)
     torch.manual_seed(1)
-    router = mol.StudentRouter(train._value_dim(student.config), student.config.num_hidden_layers, args.tau2)
-    device = torch.device("cpu")
+    router = mol.StudentRouter(capture.value_dim(student.config), student.config.num_hidden_layers, args.tau2)
     params = list(student.parameters()) + list(router.parameters())
+    with pytest.raises(ValueError, match="eager"), bench.eager_attention(student, [f["groups"] for f in feats]):
+        pass
 
-    def loss_and_grads(fn):
+    def loss_and_grads(read):
         for p in params:
             p.grad = None
-        loss = fn(args, student, router, batch, feats, device)
-        if isinstance(loss, dict):  # train.step_losses: its backward per task has run
-            loss = loss["loss"]
-        else:
-            loss.backward()
+        loss, parts = train.step(args, student, router, batch, feats, read_attention=read)
+        loss.backward()
+        assert parts["att"] > 0
         return loss.detach(), [p.grad.clone() for p in params]
 
-    fast, fast_grads = loss_and_grads(train.step_losses)
+    fast, fast_grads = loss_and_grads(capture.capture)
     student.set_attn_implementation("eager")
-    naive, naive_grads = loss_and_grads(bench.naive_step_losses)
+    naive, naive_grads = loss_and_grads(bench.eager_attention)
     torch.testing.assert_close(naive, fast, atol=1e-5, rtol=0)
     for g_n, g_f in zip(naive_grads, fast_grads, strict=True):
         torch.testing.assert_close(g_n, g_f, atol=1e-4, rtol=0)
-    assert any(g.abs().sum() > 0 for g in naive_grads[-2:])  # the router is trained on both routes
+    assert router.proj.weight.grad.abs().sum() > 0 and router.bias.grad.abs().sum() > 0  # W's reads the values
 
 
 def test_teacher_runs_once_per_example(monkeypatch):
     seen = []  # examples per call of the teacher's first attention layer: an independent count
-    attend = attention.Capture.attend
+    attend = capture.Capture.attend
 
     def counting(self, module, query, *rest, **kwargs):
         if module.layer_idx == 0:
             seen.append(query.shape[0])
         return attend(self, module, query, *rest, **kwargs)
 
-    monkeypatch.setattr(attention.Capture, "attend", counting)
+    monkeypatch.setattr(capture.Capture, "attend", counting)
     cfg = {"teacher": "tiny-gemma3", "cache_examples": 7, "teacher_batch_size": 3, "max_length": 128}
     out = bench.bench_teacher(cfg, torch.device("cpu"))
     warmup = seen[:1]  # bench times the pass after one warm-up batch
@@ -195,7 +202,7 @@ def test_saved_bytes_hand_count():
     # Linear keeps its input (the weight is a parameter: not counted), ReLU its output: 2 x 5 x 10 floats
     assert saved["bytes"] == 2 * 5 * 10 * 4
     y.backward()
-    # Two passes, each backward before the next forward (train.step_losses): the larger pass, not the sum
+    # Two passes, each backward before the next forward: the larger pass, not the sum
     with bench.saved_bytes(model) as saved:
         model(x).sum().backward()
         model(torch.randn(7, 10)).sum().backward()
@@ -306,12 +313,12 @@ def test_critical_probs_flops_are_counted():
     B, H, H_kv, N, D = 2, 4, 2, 300, 8
     groups = [([list(range(5, 140)), list(range(140, 290))], [[3, 4], [50], [200, 201]]),
               ([list(range(0, 260))], [[10], [100, 101]])]
-    rows, cols, valid, member, hit, blocks = attention._index(groups, N, torch.device("cpu"))
-    bias = attention._critical_bias(None, cols, valid, N)
+    rows, cols, valid, member, hit, blocks = capture._index(groups, N, torch.device("cpu"))
+    bias = capture._critical_bias(None, cols, valid, N)
     q, k = torch.randn(B, H, N, D, requires_grad=True), torch.randn(B, H_kv, N, D, requires_grad=True)
     pi = torch.rand(B, H, N, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
-        P = attention._CriticalProbs.apply(q, k, pi, cols, bias, D ** -0.5, blocks)
+        P = capture._CriticalProbs.apply(q, k, pi, cols, bias, D ** -0.5, blocks)
         forward = counter.get_total_flops()
         P.backward(torch.randn_like(P))
     expected = sum(2 * B * H * (r1 - r0) * kc * D for r0, r1, kc in blocks)

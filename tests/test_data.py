@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import fetch
+from answers import format_number
 from data import (
     EXP_PROMPT,
     PRE_PROMPT,
-    format_number,
     load_dataset,
     load_file,
     load_palm_rationales,
@@ -223,7 +223,7 @@ def test_palm_svamp_against_the_dss_parse():
     print(f"PaLM svamp train kept {len(kept)} (all) / {len(correct)} (correct) of 800")
     gold = {r["id"]: r["answer"] for r in records}
     assert [k["id"] for k in kept] == [r["id"] for r in records if r["id"] in {k["id"] for k in kept}]
-    for k in kept:  # r ends before the answer statement (SPEC §2)
+    for k in kept:  # r ends before the answer statement (docs/design.md, "Text layout")
         assert "answer is" not in k["rationale"].lower() and k["rationale"].count("Q:") == 0 and k["rationale"]
         assert k["rationale"] == k["rationale"].strip() and k["phase"] == 0
     assert {k["id"] for k in correct} == {k["id"] for k in kept if k["teacher_answer"] == gold[k["id"]]}

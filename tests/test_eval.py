@@ -1,4 +1,4 @@
-"""SPEC §8: answer parsing on hand-checked outputs, batched generation against a one-by-one greedy loop,
+"""eval.py and answers.py: answer parsing on hand-checked outputs, batched generation against a one-by-one greedy loop,
 scoring, and the command line end to end on a tiny random model."""
 
 import json

@@ -1,4 +1,4 @@
-"""Tests for fetch.py (SPEC §11) against a real HTTP server on 127.0.0.1, started here, that serves the
+"""Tests for fetch.py against a real HTTP server on 127.0.0.1, started here, that serves the
 offline copy at the URLs of `fetch.FILES` (Distilling Step-by-Step's datasets.zip built here from it): a full
 fetch the loaders then read, a re-fetch that downloads nothing, and each fault (wrong bytes, 404, a connection
 closed mid-file, a dead port) a one-line error that leaves nothing half-written, followed by a fetch that works;

@@ -120,7 +120,7 @@ def test_fresh_router_is_uniform_and_learns():
 
 
 def test_router_bias_per_layer_moves_p_s():
-    """b has one entry per layer (SPEC §5): a non-zero b changes p_s by exactly softmax(b / tau2) when w = 0,
+    """b has one entry per layer (b in R^L): a non-zero b changes p_s by exactly softmax(b / tau2) when w = 0,
     and gets a gradient; one scalar added to every layer (the old nn.Linear bias) would change nothing."""
     router = StudentRouter(6, 4, tau2=0.5)
     values = torch.randn(4, 7, 6)
@@ -194,25 +194,37 @@ def test_router_gradients_reach_norm_and_proj():
         assert param.grad is not None and param.grad.abs().sum() > 0
 
 
-def test_router_gradients_equal_rmsnorm_then_sum():
-    """Eq. 5 as written (RMSNorm every token, zero the padding, sum, project) through autograd: the router's
-    factored form gives the same p_s and the same gradients for the values and every parameter."""
+def test_router_forward_equals_eq5_literal():
+    """The forward (RMSNorm's gain taken out of the sum over tokens, no normalised [..., L, N, d] copy) gives the p_s
+    and the gradients, for the values and every parameter, of Eq. 5 written out term by term (`literal`)."""
     router = make_router(6)
     values = (torch.randn(2, 3, 5, 6) * 0.7).requires_grad_()
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     weights = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.0, -1.0]])
     params = [values, router.norm.weight, router.proj.weight, router.bias]
+    for mask in (torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), None):
+        p, expected = router(values, mask), router.literal(values, mask)
+        torch.testing.assert_close(p, expected)
+        for got, want in zip(torch.autograd.grad((p * weights).sum(), params),
+                             torch.autograd.grad((expected * weights).sum(), params), strict=True):
+            torch.testing.assert_close(got, want)
 
-    def written(v):
-        H = router.norm(v).masked_fill(~mask.bool()[:, None, :, None], 0.0).sum(-2)  # [B, L, d]
-        return torch.softmax((router.proj(H).squeeze(-1) + router.bias) / router.tau2, -1)
 
-    expected = written(values)
-    p = router(values, mask)
-    torch.testing.assert_close(p, expected)
-    for got, want in zip(torch.autograd.grad((p * weights).sum(), params),
-                         torch.autograd.grad((expected * weights).sum(), params), strict=True):
-        torch.testing.assert_close(got, want)
+def test_router_state_dict_and_old_checkpoint():
+    """The state-dict keys and shapes checkpoints were saved with, the eps of the norm, and a state dict written by
+    the previous (factored) router with the p_s it gave, recorded from that class."""
+    router = StudentRouter(5, 3, tau2=0.5)
+    assert {k: tuple(v.shape) for k, v in router.state_dict().items()} == {
+        "norm.weight": (5,), "proj.weight": (1, 5), "bias": (3,)}
+    assert router.norm.eps == 1e-6
+    old = {"bias": torch.tensor([0.1, -0.2, 0.3]),
+           "norm.weight": torch.tensor([1.0, 1.1, 1.2, 1.3, 1.4]),
+           "proj.weight": 0.3 * torch.cos(torch.arange(5.0))[None]}
+    router.load_state_dict(old)  # strict
+    values = torch.sin(torch.arange(60.0).reshape(3, 4, 5)) * torch.tensor([1.0, 2.0, 3.0])[:, None, None]
+    torch.testing.assert_close(router(values), torch.tensor([0.01632695, 0.01671341, 0.96695966]))
+    torch.testing.assert_close(router(values, torch.tensor([1, 1, 0, 1])),
+                               torch.tensor([0.06262811, 0.14046040, 0.79691154]))
+    torch.testing.assert_close(router.literal(values), torch.tensor([0.01632695, 0.01671341, 0.96695966]))
 
 
 def test_router_rejects_bad_mask():

@@ -13,7 +13,8 @@ import torch
 
 mpimg = pytest.importorskip("matplotlib.image")
 
-import attention  # noqa: E402
+import capture  # noqa: E402
+import flags  # noqa: E402
 import models  # noqa: E402
 import problems  # noqa: E402
 import spans  # noqa: E402
@@ -73,11 +74,11 @@ def test_numeric_share_hand_example():
 
 def test_critical_attention_matches_capture(tiny_student_dir):
     """Sum over the visible critical pairs of the layer-mean eager P = sum over words of the layer-mean A (Eq. 3)."""
-    model, tok = models.load_model(tiny_student_dir, attn_implementation=attention.ATTN)
+    model, tok = models.load_model(tiny_student_dir, attn_implementation=capture.register())
     e = problems.make_problems(1, seed=3)[0]
     text, steps, words = spans.example_spans(e["question"], e["rationale"], plots.data.EXP_PROMPT)
     ids, st, wt = spans.encode(tok, text, steps, words, 256)
-    with torch.no_grad(), attention.capture(model, [([st[k] for k in sorted(st)], [wt[k] for k in sorted(wt)])]) as cap:
+    with torch.no_grad(), capture.capture(model, [([st[k] for k in sorted(st)], [wt[k] for k in sorted(wt)])]) as cap:
         model(torch.tensor([ids]))
     expected = cap.stepwise()[0].mean(0).sum(-1)  # [S]: layer-mean A summed over the words
     m = plots.critical_attention(model, tok, text, steps, words, 256)
@@ -91,12 +92,12 @@ def test_critical_attention_matches_capture(tiny_student_dir):
 
 
 def test_run_argv_rebuilds_the_arguments(tmp_path):
-    args = train.parse_args(["--teacher", "t", "--student", "s", "--layer-map", "2:1", "--eval-sets", "",
-                             "--tau2", "1.0", "--max-steps", "7", "--out", "old/place"])
-    saved = {k: str(v) for k, v in vars(args).items()}  # as train.save_checkpoint writes them
-    again = train.parse_args(plots.run_argv(saved, tmp_path))
+    args = flags.parse_args(["--teacher", "t", "--student", "s", "--layer-map", "2:1", "--eval-sets", "",
+                            "--tau2", "1.0", "--max-steps", "7", "--out", "old/place"])
+    saved = {k: str(v) for k, v in vars(args).items()}  # as rundir.save_checkpoint writes them
+    again = flags.parse_args(plots.run_argv(saved, tmp_path))
     assert vars(again) == dict(vars(args), out=tmp_path)
-    with_data = train.parse_args(plots.run_argv(saved, tmp_path, data_dir="/data"))
+    with_data = flags.parse_args(plots.run_argv(saved, tmp_path, data_dir="/data"))
     assert with_data.data_dir == "/data"
 
 
@@ -114,7 +115,7 @@ class Touch:
 def test_a_run_file_with_code_in_it_is_refused_and_never_run(bad, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
-    args = train.parse_args(["--method", "molsaki", "--out", str(run)])
+    args = flags.parse_args(["--method", "molsaki", "--out", str(run)])
     files = {"checkpoint/trainer_state.pt": {"args": {k: str(v) for k, v in vars(args).items()}},
              "teacher_cache.pt": {"meta": {}, "items": {}}}
     files[bad] = dict(files[bad], payload=Touch(tmp_path / "pwned"))

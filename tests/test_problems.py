@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from data import format_number, safe_eval
+from answers import format_number
+from data import safe_eval
 from problems import make_problems
 
 NUM = r"\d+(?:\.\d+)?"

@@ -25,7 +25,8 @@ import torch
 
 import eval as eval_
 import fetch
-import train
+import flags
+import rundir
 from experiments import reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_dry_run_commands_parse(preset, tmp_path, capsys):
     parsed = {"train.py": [], "eval.py": []}
     for argv in cmds:
         script = Path(argv[1]).name
-        parse = {"train.py": train.parse_args, "eval.py": eval_.parse_args}[script]
+        parse = {"train.py": flags.parse_args, "eval.py": eval_.parse_args}[script]
         parsed[script].append(parse(argv[2:]))  # argparse exits on a flag it does not know
     spec = reproduce.PRESETS[preset]
     n_settings = len(spec["settings"])
@@ -135,7 +136,7 @@ def test_dry_run_commands_parse(preset, tmp_path, capsys):
 def test_seeds_override_and_job_states(tmp_path, capsys):
     reproduce.main(["--preset", "small", "--dry-run", "--out", str(tmp_path), "--seeds", "5,6"])
     cmds = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    seeds = [train.parse_args(argv[2:]).seed for argv in cmds if Path(argv[1]).name == "train.py"]
+    seeds = [flags.parse_args(argv[2:]).seed for argv in cmds if Path(argv[1]).name == "train.py"]
     assert sorted(seeds) == [5] * 7 + [6] * 7
     job = next(j for j in reproduce.grid(reproduce.PRESETS["small"], tmp_path) if j["name"].endswith("/dss-s0"))
     d = job["dir"]
@@ -181,16 +182,16 @@ def test_run_json_fields_and_data_files(tmp_path):
             (root / name).write_text(name)
     mine = tmp_path / "mine.jsonl"
     mine.write_text('{"question": "Q?", "answer": "1"}\n')
-    args = train.parse_args(["--data", "svamp", "--data-dir", str(root), "--eval-sets", f"svamp,singleeq,{mine}",
+    args = flags.parse_args(["--data", "svamp", "--data-dir", str(root), "--eval-sets", f"svamp,singleeq,{mine}",
                              "--out", str(tmp_path / "run")])
     expected = {p: hashlib.sha256(p.encode()).hexdigest() for p in fetch.files_of("svamp") + fetch.files_of("singleeq")}
     expected[str(mine)] = hashlib.sha256(mine.read_bytes()).hexdigest()
-    assert train._data_files(args) == dict(sorted(expected.items()))
+    assert rundir.data_files(args) == dict(sorted(expected.items()))
     assert len(expected) == 7  # svamp: 2 split files + 3 PaLM files; singleeq: 1; the file
-    assert train._data_files(train.parse_args(["--data", "builtin"])) == {}
+    assert rundir.data_files(flags.parse_args(["--data", "builtin"])) == {}
 
     args.out.mkdir()
-    train.write_run_info(args)
+    rundir.write_run_info(args, torch.device("cpu"))
     info = json.loads((args.out / "run.json").read_text())
     assert info["argv"] == sys.argv and info["args"]["out"] == str(args.out) and info["args"]["lr"] == args.lr
     assert info["versions"]["torch"] == torch.__version__ and set(info["versions"]) == {"python", "torch",
@@ -206,7 +207,7 @@ def test_run_json_fields_and_data_files(tmp_path):
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_state_counts_tracked_changes_only(tmp_path):
     """A run directory inside the checkout and an edited tracked log leave it clean; an edited .py file does not."""
-    assert train.git_state(tmp_path) == (None, None)
+    assert rundir.git_state(tmp_path) == (None, None)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run(git + ["init", "-q"], check=True)
     (tmp_path / "train.py").write_text("a\n")
@@ -217,9 +218,9 @@ def test_git_state_counts_tracked_changes_only(tmp_path):
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "log.jsonl").write_text("{}\n")
     (tmp_path / "log.jsonl").write_text("{}\n{}\n")
-    assert train.git_state(tmp_path) == (head, False)
+    assert rundir.git_state(tmp_path) == (head, False)
     (tmp_path / "train.py").write_text("b\n")
-    assert train.git_state(tmp_path) == (head, True)
+    assert rundir.git_state(tmp_path) == (head, True)
 
 
 # ---------------------------------------------------------------------------------------------

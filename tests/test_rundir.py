@@ -78,8 +78,8 @@ def uninterrupted(tiny_teacher_dir, dropout_student_dir, tmp_path_factory):
 # 1. A signal anywhere in step 3 stops the run after step 3; --resume then equals the uninterrupted run.
 
 POINTS = {  # where in step 3 the signal arrives: (owner, attribute, before or after the call)
-    "forward": (train, "step_losses", "before"),  # before dropout draws
-    "backward": (train, "step_losses", "after"),  # after dropout drew and the gradients are in .grad
+    "forward": (train, "step", "before"),  # before dropout draws
+    "backward": (torch.Tensor, "backward", "after"),  # after dropout drew and the gradients are in .grad
     "update": (torch.optim.AdamW, "step", "before"),  # the parameter update
     "schedule": (torch.optim.lr_scheduler.LambdaLR, "step", "after"),
     "row": (torch.optim.lr_scheduler.LambdaLR, "get_last_lr", "before"),  # after step += 1, before the log row

@@ -1,7 +1,8 @@
-"""Tests for the teacher side (SPEC §7, §1): few-shot prompts, cutting teacher outputs, dual-phase rationales
-with resume, CSQA keywords, and the teacher attention cache checked against eager attention on each example
-alone (`attention.stepwise_attention`, the definition of Eq. 2), directly and through train.py. The slow test
-runs gemma3-270m as the teacher on 20 SVAMP items."""
+"""Tests for the teacher side (docs/design.md, "Teacher rationales" and "Stages"): few-shot prompts, cutting teacher
+outputs, dual-phase rationales with resume, CSQA keywords, and the teacher attention cache checked against eager
+attention on each example alone (`attention.stepwise_attention`, the definition of Eq. 2), directly and through
+train.py (data.training_examples, data.teacher_cache, train.teacher_stage). The slow test runs gemma3-270m as the
+teacher on 20 SVAMP items."""
 
 import json
 import os
@@ -13,7 +14,9 @@ import pytest
 import torch
 
 import attention
+import capture
 import data
+import flags
 import models
 import problems
 import spans
@@ -85,7 +88,7 @@ def test_shots_are_right():
 
 @pytest.mark.parametrize("output, record, expected", [
     # run-on continuation: the teacher goes on with the next few-shot question
-    # (r, the answer statement, its answer): r ends before the statement (SPEC §2)
+    # (r, the answer statement, its answer): r ends before the statement (docs/design.md, "Text layout")
     (" Ann has 3 * 4 = 12 pens. The answer is 12.\n\nQuestion: Bob has 2 cats. Rationale: The answer is 2.",
      MEAL, ("Ann has 3 * 4 = 12 pens.", "The answer is 12.", 12.0)),
     (" 3 * 4 = 12. The answer is 12.\nQuestion: next", MEAL, ("3 * 4 = 12.", "The answer is 12.", 12.0)),
@@ -127,6 +130,10 @@ def test_keyword_prompt_and_parse():
 
 # ---------------------------------------------------------------------------------------------
 # Dual-phase rationales: a fake teacher with known right and wrong outputs, then the tiny random teacher.
+
+
+def NO_TEACHER():  # the stand-in where models.generate is faked: the model and tokenizer are never used
+    return None, None
 
 
 def _asked(prompt):
@@ -183,7 +190,7 @@ def test_phase2_only_for_failures_and_only_correct_kept(six, tmp_path, monkeypat
     fake = FakeTeacher(six, right1={0, 2, 4}, right2={1, 3})
     monkeypatch.setattr(models, "generate", fake)
     path = tmp_path / "r.jsonl"
-    kept = teacher_rationales(None, None, six, path, batch_size=5, max_new_tokens=33)
+    kept = teacher_rationales(NO_TEACHER, six, path, batch_size=5, max_new_tokens=33)
     assert fake.asked(1) == [0, 1, 2, 3, 4, 5] and fake.asked(2) == [1, 3, 5]
     assert all(c["max_new_tokens"] == 33 and c["batch_size"] == 5 for c in fake.calls)
     assert kept == _expected_kept(six, {0, 2, 4}, {1, 3})
@@ -192,15 +199,19 @@ def test_phase2_only_for_failures_and_only_correct_kept(six, tmp_path, monkeypat
         [(six[i]["id"], 1, i % 2 == 0) for i in range(6)] + [(six[i]["id"], 2, i != 5) for i in (1, 3, 5)])
     assert float(rows[1]["teacher_answer"]) == float(six[1]["answer"]) + 1
     assert rows[-1]["teacher_answer"] is None and rows[-1]["rationale"] == "I am not sure about this one"
-    # a re-run reads the file and asks nothing
+    # a re-run reads the file and asks nothing: the teacher is not even loaded
     again = FakeTeacher(six, set(), set())
     monkeypatch.setattr(models, "generate", again)
-    assert teacher_rationales(None, None, six, path) == kept and again.calls == []
+
+    def not_loaded():
+        raise AssertionError("the teacher loaded though every item was answered")
+
+    assert teacher_rationales(not_loaded, six, path) == kept and again.calls == []
 
 
 def test_correct_but_empty_rationale_goes_to_phase2(six, tmp_path, monkeypatch, capsys):
-    """An attempt right in its answer but with nothing before the answer statement is not kept (SPEC §7):
-    phase 2 asks again, and an item empty in both phases is counted as not kept."""
+    """An attempt right in its answer but with nothing before the answer statement is not kept (docs/design.md,
+    "Teacher rationales"): phase 2 asks again, and an item empty in both phases is counted as not kept."""
     def generate(model, tokenizer, prompts, max_new_tokens, batch_size=16, desc=""):
         out = []
         for question, phase in (_asked(p) for p in prompts):
@@ -212,7 +223,7 @@ def test_correct_but_empty_rationale_goes_to_phase2(six, tmp_path, monkeypatch, 
         return out
 
     monkeypatch.setattr(models, "generate", generate)
-    kept = teacher_rationales(None, None, six, tmp_path / "r.jsonl")
+    kept = teacher_rationales(NO_TEACHER, six, tmp_path / "r.jsonl")
     assert kept == _expected_kept(six, set(), {0})
     assert [(r["phase"], r["correct"], r["rationale"]) for r in _rows(tmp_path / "r.jsonl")][:2] == [(1, True, "")] * 2
     assert "1 of 6 items kept (0 phase 1, 1 phase 2); 5 correct but empty" in capsys.readouterr().out
@@ -226,7 +237,7 @@ def test_rationale_file_from_before_the_cut_is_refused(six, tmp_path):
            "correct": True}
     path.write_text(json.dumps(old) + "\n")
     with pytest.raises(ValueError, match="before they were cut before their answer statement"):
-        teacher_rationales(None, None, six, path)
+        teacher_rationales(NO_TEACHER, six, path)
 
 
 def test_crash_resume_asks_only_for_the_rest(six, tmp_path, monkeypatch):
@@ -234,11 +245,11 @@ def test_crash_resume_asks_only_for_the_rest(six, tmp_path, monkeypatch):
     crashing = FakeTeacher(six, right1={0, 2, 4}, right2={1, 3}, fail_on=2)
     monkeypatch.setattr(models, "generate", crashing)
     with pytest.raises(RuntimeError, match="teacher crashed"):
-        teacher_rationales(None, None, six, path, chunk=2)
+        teacher_rationales(NO_TEACHER, six, path, chunk=2)
     assert [(r["id"], r["phase"]) for r in _rows(path)] == [(six[0]["id"], 1), (six[1]["id"], 1)]
     resumed = FakeTeacher(six, right1={0, 2, 4}, right2={1, 3})
     monkeypatch.setattr(models, "generate", resumed)
-    kept = teacher_rationales(None, None, six, path, chunk=2)
+    kept = teacher_rationales(NO_TEACHER, six, path, chunk=2)
     assert [c["asked"] for c in resumed.calls] == [  # the rest of phase 1 in chunks of 2, then phase 2
         [(six[i]["question"], 1) for i in (2, 3)], [(six[i]["question"], 1) for i in (4, 5)],
         [(six[i]["question"], 2) for i in (1, 3)], [(six[5]["question"], 2)]]
@@ -261,7 +272,7 @@ def test_tiny_teacher_runs_both_phases_and_resumes(sdpa_teacher, six, tmp_path, 
 
     monkeypatch.setattr(models, "generate", spy)
     path = tmp_path / "r.jsonl"
-    kept = teacher_rationales(model, tok, six, path, batch_size=4, max_new_tokens=6)
+    kept = teacher_rationales(lambda: (model, tok), six, path, batch_size=4, max_new_tokens=6)
     rows = _rows(path)
     phase1 = {r["id"]: r for r in rows if r["phase"] == 1}
     failed = [r["question"] for r in six if not phase1[r["id"]]["correct"]]
@@ -270,7 +281,7 @@ def test_tiny_teacher_runs_both_phases_and_resumes(sdpa_teacher, six, tmp_path, 
     assert {r["id"] for r in rows if r["phase"] == 2} == {r["id"] for r in six if r["question"] in failed}
     assert [k["id"] for k in kept] == [r["id"] for r in six if any(x["correct"] for x in rows if x["id"] == r["id"])]
     asked.clear()
-    assert teacher_rationales(model, tok, six, path, batch_size=4, max_new_tokens=6) == kept
+    assert teacher_rationales(lambda: (model, tok), six, path, batch_size=4, max_new_tokens=6) == kept
     assert asked == []
 
 
@@ -280,7 +291,7 @@ def test_tiny_teacher_runs_both_phases_and_resumes(sdpa_teacher, six, tmp_path, 
 
 @pytest.fixture(scope="module")
 def capture_teacher(tiny_teacher_dir):
-    return models.load_model(tiny_teacher_dir, attn_implementation=attention.ATTN)
+    return models.load_model(tiny_teacher_dir, attn_implementation=capture.register())
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +412,7 @@ def test_big_integer_answers_are_kept_and_compared_exactly(tmp_path, monkeypatch
         return [f" I counted. The answer is {stated[_asked(p)[0]]}." for p in prompts]
 
     monkeypatch.setattr(models, "generate", generate)
-    kept = teacher_rationales(None, None, records, tmp_path / "r.jsonl")
+    kept = teacher_rationales(NO_TEACHER, records, tmp_path / "r.jsonl")
     assert kept == [{"id": "a", "rationale": "I counted.", "teacher_answer": "12345678901234567890", "phase": 1}]
     assert [(r["id"], r["phase"], r["teacher_answer"], r["correct"]) for r in _rows(tmp_path / "r.jsonl")] == [
         ("a", 1, "12345678901234567890", True), ("b", 1, "12345678901234567891", False),
@@ -420,16 +431,17 @@ def test_texts_hash():
 
 
 # ---------------------------------------------------------------------------------------------
-# The teacher side through train.py.
+# The teacher side through train.py: data.training_examples and data.teacher_cache, and train.teacher_stage, which
+# calls them with a teacher that loads on first use.
 
 
 def _args(teacher_dir, out, *extra):
-    return train.parse_args(["--data", "builtin", "--teacher", teacher_dir, "--out", str(out), "--n-train", "9",
+    return flags.parse_args(["--data", "builtin", "--teacher", teacher_dir, "--out", str(out), "--n-train", "9",
                              "--teacher-batch-size", "4", "--max-length", "256", *extra])
 
 
-def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "_TEACHER", {})
+def _spy_loads(monkeypatch):
+    """Every models.load_model call from now on, as (name, attn_implementation); the models load as usual."""
     real_load, loads = models.load_model, []
 
     def spy_load(name, *args, **kwargs):
@@ -437,58 +449,73 @@ def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, mon
         return real_load(name, *args, **kwargs)
 
     monkeypatch.setattr(models, "load_model", spy_load)
+    return loads
+
+
+def _no_teacher(*args, **kwargs):
+    raise AssertionError("the teacher must not run")
+
+
+def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    loads = _spy_loads(monkeypatch)
     args = _args(tiny_teacher_dir, tmp_path, "--rationales", "builtin")
-    examples = train.training_examples(args)
+    examples = data.training_examples(args, _no_teacher)  # built-in rationales need no teacher
     assert [(e["id"], e["rationale"]) for e in examples] == [(p["id"], p["rationale"].rsplit(" The answer is", 1)[0])
                                                             for p in problems.make_problems(9, seed=0)]
-    assert loads == []  # built-in rationales need no teacher
-    cache = train.teacher_cache(args, examples)
-    assert loads == [(tiny_teacher_dir, attention.ATTN)]
+    assert loads == []
+    staged, cache = train.teacher_stage(args)
+    assert staged == examples
+    assert loads == [(tiny_teacher_dir, capture.register())]  # once, for the cache, with the capturing attention
     assert (tmp_path / "teacher_cache.pt").exists() and set(cache["items"]) == {e["id"] for e in examples}
     assert cache["meta"]["teacher"] == tiny_teacher_dir and cache["meta"]["texts"] == texts_hash(examples)
     for item in cache["items"].values():
         assert item["A"].shape == (3, len(item["step_ids"]), len(item["word_ids"])) and len(item["word_ids"]) > 1
 
-    def fail(*args, **kwargs):
-        raise AssertionError("the teacher must not run again")
-
-    monkeypatch.setattr(train, "_TEACHER", {})
-    monkeypatch.setattr(models, "load_model", fail)
-    monkeypatch.setattr(data, "build_attention_cache", fail)
-    again = train.teacher_cache(args, examples)
+    monkeypatch.setattr(models, "load_model", _no_teacher)
+    monkeypatch.setattr(data, "build_attention_cache", _no_teacher)
+    _, again = train.teacher_stage(args)  # reused: the teacher is not loaded
     assert again["meta"] == cache["meta"] and again["items"].keys() == cache["items"].keys()
     for k, item in cache["items"].items():
         torch.testing.assert_close(again["items"][k]["A"], item["A"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_length"):
-        train.teacher_cache(_args(tiny_teacher_dir, tmp_path, "--rationales", "builtin", "--max-length", "128"),
-                           examples)
+        data.teacher_cache(_args(tiny_teacher_dir, tmp_path, "--rationales", "builtin", "--max-length", "128"),
+                           examples, _no_teacher)
     changed = [dict(examples[0], rationale="The answer is 1.")] + examples[1:]
     with pytest.raises(ValueError, match="texts"):
-        train.teacher_cache(args, changed)
-    # a cache built before rationales were cut before their answer statement (SPEC §2) is refused
+        data.teacher_cache(args, changed, _no_teacher)
+    # a cache built before rationales were cut before their answer statement (docs/design.md, "Text layout") is
+    # refused; through train.py, in one line
     before = [dict(e, rationale=p["rationale"]) for e, p in zip(examples, problems.make_problems(9, seed=0),
                                                                 strict=True)]
     assert all(b["rationale"].startswith(e["rationale"] + " The answer is ") for b, e in zip(before, examples,
                                                                                              strict=True))
     data.save_atomic(dict(cache, meta=dict(cache["meta"], texts=texts_hash(before))), tmp_path / "teacher_cache.pt")
     with pytest.raises(ValueError, match="differs in: texts"):
-        train.teacher_cache(args, examples)
+        data.teacher_cache(args, examples, _no_teacher)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train.teacher_stage(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "differs in: texts" in err and err.count("\n") == 1
 
 
-def test_train_teacher_rationales_written_then_reused(tiny_teacher_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "_TEACHER", {})
+def test_train_teacher_rationales_written_then_reused(tmp_path, monkeypatch):
     records = problems.make_problems(9, seed=0)
     fake = FakeTeacher(records, right1={0, 1, 5}, right2={2, 8})
     monkeypatch.setattr(models, "generate", fake)
-    args = _args(tiny_teacher_dir, tmp_path, "--rationales", "teacher")
-    examples = train.training_examples(args)
+    args = _args("unused-teacher", tmp_path, "--rationales", "teacher")
+
+    def teacher():  # models.generate is the fake: the model itself is never run
+        return None, None
+
+    examples = data.training_examples(args, teacher)
     assert fake.asked(2) == [2, 3, 4, 6, 7, 8] and fake.calls[0]["batch_size"] == 4
     # joined with the records, in record order, each rationale without its answer statement
     assert examples == [dict(records[i], rationale=records[i]["rationale"].rsplit(" The answer is", 1)[0])
                         for i in (0, 1, 2, 5, 8)]
     assert len(_rows(tmp_path / "rationales.jsonl")) == 15
     monkeypatch.setattr(models, "generate", FakeTeacher(records, set(), set(), fail_on=1))
-    assert train.training_examples(args) == examples  # resumed from the file: the teacher is not asked
+    assert data.training_examples(args, teacher) == examples  # resumed from the file: the teacher is not asked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,9 +526,9 @@ def test_train_teacher_rationales_written_then_reused(tiny_teacher_dir, tmp_path
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
 def test_gemma_teacher_on_svamp(tmp_path):
     records = data.load_dataset("svamp", "train", DATA)[:20]
-    model, tok = models.load_model("gemma3-270m", attn_implementation=attention.ATTN)
+    model, tok = models.load_model("gemma3-270m", attn_implementation=capture.register())
     t0 = time.time()
-    kept = teacher_rationales(model, tok, records, tmp_path / "r.jsonl", batch_size=10, max_new_tokens=96)
+    kept = teacher_rationales(lambda: (model, tok), records, tmp_path / "r.jsonl", batch_size=10, max_new_tokens=96)
     seconds = time.time() - t0
     rows = _rows(tmp_path / "r.jsonl")
     n1 = sum(r["correct"] for r in rows if r["phase"] == 1)
@@ -540,11 +567,11 @@ def test_gemma_teacher_on_svamp(tmp_path):
 def test_resume_drops_a_line_cut_by_a_hard_kill(six, tmp_path, monkeypatch):
     monkeypatch.setattr(models, "generate", FakeTeacher(six, right1={0, 1, 2, 3, 4, 5}, right2=set()))
     path = tmp_path / "r.jsonl"
-    teacher_rationales(None, None, six[:3], path)
+    teacher_rationales(NO_TEACHER, six[:3], path)
     path.write_text(path.read_text() + '{"id": "builtin-3-3", "ratio')  # killed mid-write
     again = FakeTeacher(six, right1={0, 1, 2, 3, 4, 5}, right2=set())
     monkeypatch.setattr(models, "generate", again)
-    kept = teacher_rationales(None, None, six, path)
+    kept = teacher_rationales(NO_TEACHER, six, path)
     assert again.asked(1) == [3, 4, 5] and len(kept) == 6
     assert len(_rows(path)) == 6
 
@@ -561,9 +588,9 @@ def test_teacher_keywords_are_kept_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "generate", fake)
     path = tmp_path / "k.jsonl"
-    assert teacher_keywords(None, None, examples[:2], path) == {"q0": ["box", "thing", "place"],
+    assert teacher_keywords(NO_TEACHER, examples[:2], path) == {"q0": ["box", "thing", "place"],
                                                                "q1": ["box", "thing", "place"]}
-    assert teacher_keywords(None, None, examples, path)["q2"] == ["box", "thing", "place"]
+    assert teacher_keywords(NO_TEACHER, examples, path)["q2"] == ["box", "thing", "place"]
     assert [len(p) for p in calls] == [2, 1]  # the second call only asked for q2
     assert calls[0][0].endswith("Question: Where is thing 0?\nRationale: It is in a box.\nKeywords:")
 
@@ -573,16 +600,22 @@ def test_teacher_keywords_are_kept_and_reused(tmp_path, monkeypatch):
 
 
 def test_teacher_dtype(tiny_teacher_dir, tmp_path, monkeypatch):
-    """auto is float32 on this CPU; bfloat16 loads bfloat16 weights, and its cache (float32 A) stays close to the
-    float32 teacher's."""
-    examples = [dict(p, rationale=data.split_answer(p["rationale"])[0]) for p in problems.make_problems(4, seed=0)]
+    """Through train.teacher_stage: auto is float32 on this CPU; bfloat16 loads bfloat16 weights, and its cache
+    (float32 A) stays close to the float32 teacher's."""
+    real_load, loaded = models.load_model, []
+
+    def spy_load(name, *args, **kwargs):
+        model, tok = real_load(name, *args, **kwargs)
+        loaded.append(model)
+        return model, tok
+
+    monkeypatch.setattr(models, "load_model", spy_load)
     caches = {}
     for flag, dtype in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
-        monkeypatch.setattr(train, "_TEACHER", {})
-        args = _args(tiny_teacher_dir, tmp_path / flag, "--teacher-dtype", flag)
-        model, tok = train._teacher(args)
-        assert next(model.parameters()).dtype == dtype
-        caches[flag] = build_attention_cache(model, tok, examples, {"delimiters": "."}, batch_size=2)
+        (tmp_path / flag).mkdir()
+        args = _args(tiny_teacher_dir, tmp_path / flag, "--rationales", "builtin", "--teacher-dtype", flag)
+        caches[flag] = train.teacher_stage(args)[1]
+        assert len(loaded) == 1 and next(loaded.pop().parameters()).dtype == dtype
     for k, item in caches["auto"]["items"].items():
         low = caches["bfloat16"]["items"][k]["A"]
         assert low.dtype == torch.float32 and low.shape == item["A"].shape
@@ -593,13 +626,12 @@ def test_train_on_a_file_of_problems(tiny_teacher_dir, tiny_student_dir, tmp_pat
     records = problems.make_problems(6, seed=5)
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in records))
-    args = train.parse_args(["--data", str(path), "--teacher", tiny_teacher_dir, "--student", tiny_student_dir])
+    args = flags.parse_args(["--data", str(path), "--teacher", tiny_teacher_dir, "--student", tiny_student_dir])
     assert args.out == Path("runs/mine-molsaki-s0") and args.eval_sets == "svamp,singleeq,asdiv,gsm8k"
     assert args.rationales == "teacher"
     file_records = [dict(r, rationale=p["rationale"]) for r, p in zip(data.load_file(path), records, strict=True)]
     fake = FakeTeacher(file_records, right1={0, 1, 2, 3}, right2={4})
     monkeypatch.setattr(models, "generate", fake)
-    monkeypatch.setattr(train, "_TEACHER", {})
     out = tmp_path / "run"
     train.main(["--data", str(path), "--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--out", str(out),
                 "--method", "dss", "--batch-size", "2", "--max-steps", "2", "--eval-sets", "", "--lr", "1e-3"])

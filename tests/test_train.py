@@ -1,7 +1,7 @@
 """Tests for train.py on tiny random models (conftest): each method learns the built-in problems, L_att
-sends gradients to the router and the student's attention but never to the teacher, an interrupted run
-resumes to the same losses, a NaN stops the run at the last good checkpoint, checkpoints are swapped
-atomically, and two gloo processes under torchrun match one process with the same global batch."""
+sends gradients to the router and the student's attention but never to the teacher, a NaN stops the run at the
+last good checkpoint, checkpoints are swapped atomically, two gloo processes under torchrun match one process with
+the same global batch, and `step` equals an oracle of Eq. 7. (Signals and resume: tests/test_rundir.py.)"""
 
 import argparse
 import json
@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import attention
+import capture
+import data
+import flags
 import losses
 import models
 import mol
@@ -94,29 +96,35 @@ def test_each_method_learns(case, tiny_teacher_dir, tiny_student_dir, tmp_path):
 # 2. Where L_att sends gradients.
 
 
-def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "_TEACHER", {})
-    args = train.parse_args(["--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--n-train", "4",
-                             "--method", "molsaki", "--out", str(tmp_path)])
+def tiny_stage(args, teacher_dir):
+    """The teacher (model, tokenizer), and the examples and (molsaki) teacher cache, as train.teacher_stage builds
+    them."""
     args.out.mkdir(parents=True, exist_ok=True)
-    examples = train.training_examples(args)
-    teacher, _ = train._teacher(args)  # the object teacher_cache runs
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    cache = train.teacher_cache(args, examples)
-    student, tok = models.load_model(tiny_student_dir, attn_implementation=attention.ATTN)
-    feats = train.features(args, examples, tok, cache, student.config.num_hidden_layers)
+    teacher = models.load_model(teacher_dir, attn_implementation=capture.register())
+    before = {k: v.clone() for k, v in teacher[0].state_dict().items()}
+    examples = data.training_examples(args, lambda: teacher)
+    cache = data.teacher_cache(args, examples, lambda: teacher) if args.method == "molsaki" else None
+    return teacher[0], before, examples, cache
+
+
+def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    args = flags.parse_args(["--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--n-train", "4",
+                           "--method", "molsaki", "--out", str(tmp_path)])
+    teacher, before, examples, cache = tiny_stage(args, tiny_teacher_dir)
+    student, tok = models.load_model(tiny_student_dir, attn_implementation=capture.register())
+    feats = data.features(args, examples, tok, cache, student.config.num_hidden_layers)
     torch.manual_seed(0)
-    router = mol.StudentRouter(train._value_dim(student.config), student.config.num_hidden_layers, args.tau2)
+    router = mol.StudentRouter(capture.value_dim(student.config), student.config.num_hidden_layers, args.tau2)
     with torch.no_grad():  # w = 0 at init gives the norm no gradient; a small w, as after a few steps
         router.proj.weight.normal_(0.0, 1e-3)
-    batch = train.collate(feats, tok.pad_token_id)
+    batch = data.collate(feats, tok.pad_token_id)
     params = dict(student.named_parameters(), **{f"router.{n}": p for n, p in router.named_parameters()})
 
-    def grads(beta):  # step_losses runs the backward itself; L_att's gradient is the difference of beta 1 and 0
+    def grads(beta):  # L_att's gradient is the difference of beta 1 and beta 0
         for p in params.values():
             p.grad = None
-        out = train.step_losses(argparse.Namespace(**dict(vars(args), beta=beta)), student, router, batch, feats,
-                                torch.device("cpu"))
+        loss, out = train.step(argparse.Namespace(**dict(vars(args), beta=beta)), student, router, batch, feats)
+        loss.backward()
         return out, {n: p.grad.clone() for n, p in params.items()}
 
     out, with_att = grads(1.0)
@@ -134,6 +142,8 @@ def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path, 
     # The teacher: no gradient, no change, and its cached target is a constant.
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert torch.equal(cache["items"][examples[0]["id"]]["A"],
+                       data.teacher_cache(args, examples, None)["items"][examples[0]["id"]]["A"])  # reused as saved
     assert not any(f["A_t"].requires_grad for f in feats)
 
 
@@ -273,7 +283,7 @@ def test_log_rows_match_the_training_that_happened(tiny_teacher_dir, tiny_studen
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. As Distilling Step-by-Step trains and scores (SPEC §7-§9), and Eq. 5's bias per layer on --resume.
+# 8. As Distilling Step-by-Step trains and scores (docs/design.md), and Eq. 5's bias per layer on --resume.
 
 DATA = Path(os.environ.get("MOLSAKI_DATA") or ROOT.parent / "shared" / "data")
 
@@ -281,11 +291,11 @@ DATA = Path(os.environ.get("MOLSAKI_DATA") or ROOT.parent / "shared" / "data")
 def test_dss_optimizer_schedule_and_eval_sets():
     for data_name, sets in [("builtin", "builtin"), ("svamp", "svamp,singleeq,asdiv,gsm8k"),
                             ("gsm8k", "svamp,singleeq,asdiv,gsm8k"), ("csqa", "csqa")]:
-        args = train.parse_args(["--data", data_name])
+        args = flags.parse_args(["--data", data_name])
         assert args.eval_sets == sets and args.weight_decay == 0.0 and args.max_grad_norm == 1.0
-    paper = train.parse_args(["--data", "svamp"])
+    paper = flags.parse_args(["--data", "svamp"])
     assert (paper.warmup, paper.lr, paper.batch_size, paper.max_steps) == (0, 5e-5, 16, 4000)
-    assert train.parse_args(["--data", "csqa", "--eval-sets", ""]).eval_sets == ""
+    assert flags.parse_args(["--data", "csqa", "--eval-sets", ""]).eval_sets == ""
 
 
 def test_optimizer_has_no_weight_decay_and_decays_linearly(tiny_teacher_dir, tiny_student_dir, tmp_path):
@@ -314,12 +324,12 @@ def test_resume_refuses_a_router_without_per_layer_bias(tiny_teacher_dir, tiny_s
 def test_palm_filter_counts_and_gold_answers(capsys):
     """--palm-filter all (default) keeps every SVAMP item with a PaLM rationale, as DSS; correct keeps those
     PaLM answered right. The L_pre target is gold either way."""
-    records = {r["id"]: r for r in train.data.load_dataset("svamp", "train", DATA)}
+    records = {r["id"]: r for r in data.load_dataset("svamp", "train", DATA)}
     counts = {}
     for keep in ("all", "correct"):
-        args = train.parse_args(["--data", "svamp", "--data-dir", str(DATA), "--rationales", "palm", "--method",
-                                 "dss", "--palm-filter", keep])
-        examples = train.training_examples(args)
+        args = flags.parse_args(["--data", "svamp", "--data-dir", str(DATA), "--rationales", "palm", "--method",
+                               "dss", "--palm-filter", keep])
+        examples = data.training_examples(args, teacher=None)  # PaLM's rationales: no teacher runs
         counts[keep] = len(examples)
         assert all(e["answer"] == records[e["id"]]["answer"] and e["rationale"] for e in examples)
         assert not any("The answer is" in e["rationale"] for e in examples)
@@ -328,11 +338,12 @@ def test_palm_filter_counts_and_gold_answers(capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. One pass's graph at a time: a backward per task gives the gradients and logs of one backward of Eq. 7.
+# 9. train.step is Eq. 7 on one micro-batch: its loss, parts and gradients equal an oracle written out term by
+#    term in fp32.
 
 
 def single_backward_losses(args, student, router, batch, feats, device):
-    """The step as it was before the backward per task: both passes, then Eq. 7 as one loss (the oracle)."""
+    """Both passes without autocast, each term by its loss function, then Eq. 7 as one loss (the oracle)."""
     t = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
     zero = torch.zeros((), device=device)
     pre = student(t["pre_ids"], attention_mask=t["pre_mask"]).logits
@@ -341,7 +352,7 @@ def single_backward_losses(args, student, router, batch, feats, device):
         return {"loss": l_pre, "pre": l_pre}
     groups = [f["groups"] for f in feats] if args.method == "molsaki" else None
     if groups:
-        with attention.capture(student, groups, values=True) as cap:
+        with capture.capture(student, groups, values=True) as cap:
             exp = student(t["exp_ids"], attention_mask=t["exp_mask"]).logits
     else:
         exp = student(t["exp_ids"], attention_mask=t["exp_mask"]).logits
@@ -366,54 +377,36 @@ def single_backward_losses(args, student, router, batch, feats, device):
 
 @pytest.mark.parametrize("method, extra", [("vanilla", []), ("dss", []), ("mmi", []), ("molsaki", []),
                                            ("molsaki", ["--layer-map", "last"])])
-def test_backward_per_task_equals_one_backward(method, extra, tiny_teacher_dir, tiny_student_dir, tmp_path,
-                                               monkeypatch):
-    monkeypatch.setattr(train, "_TEACHER", {})
-    args = train.parse_args(["--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--n-train", "4",
-                             "--method", method, *extra, "--out", str(tmp_path)])
-    args.out.mkdir(parents=True, exist_ok=True)
-    examples = train.training_examples(args)
-    cache = train.teacher_cache(args, examples) if method == "molsaki" else None
-    attn = attention.ATTN if method == "molsaki" else "sdpa"
+def test_step_equals_one_backward_oracle(method, extra, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    args = flags.parse_args(["--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--n-train", "4",
+                           "--method", method, *extra, "--out", str(tmp_path)])
+    _, _, examples, cache = tiny_stage(args, tiny_teacher_dir)
+    attn = capture.register() if method == "molsaki" else "sdpa"
     student, tok = models.load_model(tiny_student_dir, attn_implementation=attn)
-    feats = train.features(args, examples, tok, cache, student.config.num_hidden_layers)
-    router = mol.StudentRouter(train._value_dim(student.config), student.config.num_hidden_layers, args.tau2)
+    feats = data.features(args, examples, tok, cache, student.config.num_hidden_layers)
+    router = mol.StudentRouter(capture.value_dim(student.config), student.config.num_hidden_layers, args.tau2)
     with torch.no_grad():
         router.proj.weight.normal_(0.0, 1e-2)
         router.bias.normal_(0.0, 0.5)
     params = list(student.parameters()) + list(router.parameters())
-    batch = train.collate(feats, tok.pad_token_id)
-    device = torch.device("cpu")
+    batch = data.collate(feats, tok.pad_token_id)
 
-    def run(fn, backward):
+    def run(fn):
         for p in params:
             p.grad = None
-        out = fn(args, student, router, batch, feats, device)
-        if backward:
-            out["loss"].backward()
+        loss, out = fn()
+        loss.backward()
         return out, [None if p.grad is None else p.grad.clone() for p in params]
 
-    events = []  # the order of the passes: each forward (its input, whether .grad buffers exist yet), each backward
-    hook = student.register_forward_pre_hook(
-        lambda m, a, kw: events.append(("forward", "pre" if a[0] is batch["pre_ids"] else "exp",
-                                        student.lm_head.weight.grad is not None)), with_kwargs=True)
-    backward = torch.Tensor.backward
-    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **kw: (events.append(("backward",)),
-                                                                          backward(self, *a, **kw))[1])
-    new, new_grads = run(train.step_losses, backward=False)
-    hook.remove()
-    monkeypatch.setattr(torch.Tensor, "backward", backward)
-    # one graph at a time; the longer rationale pass first, before any gradient buffer exists (MMI: answer first)
-    first = {"vanilla": [], "mmi": ["pre"]}.get(method, ["exp"])
-    passes = ["pre"] if method == "vanilla" else first + [{"exp": "pre", "pre": "exp"}[first[0]]]
-    assert events == [e for i, p in enumerate(passes) for e in (("forward", p, i > 0), ("backward",))]
-    old, old_grads = run(single_backward_losses, backward=True)
+    new, new_grads = run(lambda: train.step(args, student, router, batch, feats))
+    old = single_backward_losses(args, student, router, batch, feats, torch.device("cpu"))
+    old, old_grads = run(lambda: (old["loss"], old))
     assert new.keys() == old.keys()
     for k in old:
         torch.testing.assert_close(new[k], old[k].detach(), atol=1e-6, rtol=0)
     assert sum(g is not None for g in old_grads) > 0
     for g_new, g_old in zip(new_grads, old_grads, strict=True):
-        if g_old is None:  # never used (the router outside MoL); a zero-weight term may leave zeros instead
+        if g_old is None:  # never used (the router outside MoL)
             assert g_new is None or g_new.abs().max() == 0
         else:
             torch.testing.assert_close(g_new, g_old, atol=1e-6, rtol=0)

@@ -1,7 +1,8 @@
 """walkthrough.py on the tiny models (conftest): every number it prints equals the module functions' result on an
 independent oracle (eager attention probabilities, value states from v_proj hooks, eager logits) to the printed
-precision, its A_t is eager stepwise attention, the walk is one training step of train.py, and the command line
-reads a SVAMP item with its PaLM rationale (skipped without the data)."""
+precision, its A_t is eager stepwise attention, the loss it prints is one call of train.step on data.features of the
+example (and block 7's L_att, by the equation functions, is that call's), and the command line reads a SVAMP item
+with its PaLM rationale (skipped without the data)."""
 
 import os
 import re
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 import attention
+import capture
 import data
+import flags
 import losses
 import models
 import mol
@@ -45,14 +48,28 @@ def example():
 
 @pytest.fixture(scope="module")
 def loaded(tiny_teacher_dir, tiny_student_dir):
-    return (*models.load_model(tiny_teacher_dir, attn_implementation=attention.ATTN),
-            *models.load_model(tiny_student_dir, attn_implementation=attention.ATTN))
+    return (*models.load_model(tiny_teacher_dir, attn_implementation=capture.register()),
+            *models.load_model(tiny_student_dir, attn_implementation=capture.register()))
 
 
 @pytest.fixture(scope="module")
-def walked(loaded, example):
+def steps_run():
+    """(args, kwargs, (loss, parts)) of every train.step call the walk makes."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def walked(loaded, example, steps_run):
+    real_step = train.step
+
+    def spy(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        steps_run.append((args, kwargs, out))
+        return out
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mol, "StudentRouter", RandomRouter)
+        mp.setattr(train, "step", spy)
         w = walkthrough.walk(*loaded, example)
     return w, walkthrough.report(w)
 
@@ -66,10 +83,10 @@ def oracle(tiny_teacher_dir, tiny_student_dir, example, walked):
     t_ids, t_st, t_wt = spans.encode(t_tok, text, steps, words)
     s_ids, s_st, s_wt = spans.encode(s_tok, text, steps, words)
     keep_s, keep_w = spans.align(t_st, s_st), spans.align(t_wt, s_wt)
-    pre_ids, pre_labels = train._task(s_tok, data.PRE_PROMPT.format(question=example["question"]),
-                                      " " + example["answer"], 512)
-    exp_ids, exp_labels = train._task(s_tok, data.EXP_PROMPT.format(question=example["question"]),
-                                      " " + example["rationale"], 512)
+    pre_ids, pre_labels = data.task_ids(s_tok, data.PRE_PROMPT.format(question=example["question"]),
+                                        " " + example["answer"], 512)
+    exp_ids, exp_labels = data.task_ids(s_tok, data.EXP_PROMPT.format(question=example["question"]),
+                                        " " + example["rationale"], 512)
     assert exp_ids[:-1] == s_ids  # the L_exp input is the text + EOS
 
     def stepwise(out, st, wt):  # [L, S, W] from the eager probabilities [1, H, N, N] of each layer
@@ -144,11 +161,14 @@ def test_headers_name_the_equation_and_the_function(walked):
     report = walked[1]
     headers = [line for line in report.splitlines() if line.startswith("== ")]
     assert len(headers) == 8
-    for n, names in enumerate([("SPEC §2", "data.EXP_PROMPT"), ("Eq. 2/3", "spans.example_spans"),
-                               ("App. C.2", "spans.token_groups"), ("Eq. 2", "attention.capture"),
+    for n, names in enumerate([("Text layout (docs/design.md)", "data.EXP_PROMPT"),
+                               ("Eq. 2/3", "spans.example_spans"), ("App. C.2", "spans.token_groups"),
+                               ("Eq. 2", "data.build_attention_cache", "capture.capture"),
                                ("Eq. 4", "mol.column_gradient", "mol.teacher_layer_weights"),
-                               ("Eq. 5", "mol.StudentRouter"), ("Eq. 6", "mol.mix_layers", "losses.stepwise_kl"),
-                               ("Eq. 7", "losses.target_cross_entropy", "losses.total_loss")]):
+                               ("Eq. 5", "mol.StudentRouter", "train.step"),
+                               ("Eq. 6", "mol.mix_layers", "losses.stepwise_kl"),
+                               ("Eq. 7", "train.step", "data.features", "losses.target_cross_entropy",
+                                "losses.total_loss")]):
         assert headers[n].startswith(f"== {n + 1}. ") and all(name in headers[n] for name in names), headers[n]
 
 
@@ -192,23 +212,41 @@ def test_wide_tables_are_cut_and_say_so(walked, oracle, monkeypatch):
     assert b[7].count("(cut: the first 4 of 6 steps and 5 of 9 words shown)") == 4
 
 
-def test_walk_is_one_training_step(loaded, example, walked):
-    """train.features (on data.build_attention_cache) and train.step_losses give the walk's A_t, p_t and losses."""
+def test_the_loss_is_one_call_of_train_step(loaded, example, walked, steps_run):
+    """walk calls train.step once, on data.features and data.collate of the example over data.build_attention_cache,
+    with train.py's flags; block 8 prints that call's parts, and block 7's L_att (the equation functions on the
+    cached A_t and the step's A_s and p_s) equals the step's L_att. The same call with capture.capture itself as
+    read_attention gives the same parts."""
     teacher, t_tok, student, s_tok = loaded
     w = walked[0]
-    args = train.parse_args([])  # molsaki, alpha 0.5, beta 1, tau1 0.1, tau2 0.5, max_length 512
+    assert len(steps_run) == 1
+    (args, lm, router, batch, feats), kwargs, (loss, parts) = steps_run[0]
+    assert lm is student and router is w["router"] and list(kwargs) == ["read_attention"]
+    assert vars(args) == vars(flags.parse_args([]))  # molsaki, alpha 0.5, beta 1, tau1 0.1, tau2 0.5, 512
     cache = data.build_attention_cache(teacher, t_tok, [example], {"delimiters": args.delimiters}, args.max_length)
-    f = train.features(args, [example], s_tok, cache, student.config.num_hidden_layers)[0]
+    torch.testing.assert_close(w["cache"]["items"], cache["items"], rtol=0, atol=0)
+    f = data.features(args, [example], s_tok, cache, student.config.num_hidden_layers)[0]
+    assert len(feats) == 1 and feats[0] is w["feature"] and f.keys() == w["feature"].keys()
+    for key, value in f.items():
+        assert torch.equal(value, w["feature"][key]) if torch.is_tensor(value) else value == w["feature"][key], key
+    expected = data.collate([f], s_tok.pad_token_id)
+    assert batch.keys() == expected.keys() and all(
+        torch.equal(v, expected[k]) if torch.is_tensor(v) else v == expected[k] for k, v in batch.items())
     assert f["groups"] == w["groups_s"]
-    torch.testing.assert_close(f["p_t"], w["p_t"])
+    torch.testing.assert_close(f["p_t"], w["p_t"])  # data.features' p_t and A_t: walk's, by the equation functions
     torch.testing.assert_close(f["A_t"], w["A_t"])
-    out = train.step_losses(args, student, w["router"], train.collate([f], s_tok.pad_token_id), [f],
-                            torch.device("cpu"))  # with its backward per task: drop the gradients it left
-    student.zero_grad(set_to_none=True)
-    w["router"].zero_grad(set_to_none=True)
-    torch.testing.assert_close(out["p_s"], w["p_s"])
-    for key, name in (("pre", "l_pre"), ("exp", "l_exp"), ("att", "l_att"), ("loss", "total")):
-        torch.testing.assert_close(out[key], w[name])
+    assert w["step"].keys() == parts.keys()
+    for key, value in parts.items():
+        torch.testing.assert_close(w["step"][key], value.float().cpu(), rtol=0, atol=0)
+    assert w["step"]["loss"].item() == loss.item()
+    torch.testing.assert_close(w["l_att"], w["step"]["att"])  # Eq. 6 term by term = the step's L_att
+    torch.testing.assert_close(w["kl_steps"].mean(), w["step"]["att"])
+    torch.testing.assert_close(w["step"]["loss"], losses.total_loss(w["step"]["pre"], w["step"]["exp"],
+                                                                   w["step"]["att"], 0.5, 1.0))
+    with torch.no_grad():
+        _, again = train.step(args, student, w["router"], expected, [f])  # read_attention=capture.capture
+    for key, value in again.items():
+        torch.testing.assert_close(value, parts[key])
 
 
 @needs_data
