@@ -9,7 +9,10 @@ The files the loaders read, their sources and their download are fetch.py's: a l
 - `load_palm_rationales(name, split, data_dir, keep)`: `{id, rationale, teacher_answer, phase}` from the PaLM-540B
   CoT of Distilling Step-by-Step (DSS), svamp or csqa: every item with a rationale (keep="all", as DSS trains),
   or only those whose PaLM answer equals gold (keep="correct").
-- `split_answer(text)`: (r, statement), a teacher's output cut before its final answer statement.
+- `split_answer(text)`: (r, statement), a teacher's output cut before its final answer statement;
+  `cut_rationale(output, record)`: (r, statement, the answer it states) of one teacher output; `task_of(record)`:
+  "math" or "csqa"; `cot_prompt(record, with_gold)`, `keyword_prompt(question, rationale)`: the teacher's
+  few-shot prompts; `parse_keywords(output)`: its keywords.
 - `safe_eval(expr)`: the value of an arithmetic expression (numbers, + - * /, parentheses, unary minus).
   Gold numbers are written by `answers.format_number` ("42", "0.5", "0.666667"): one read from text is kept exactly
   ("12345678901234567890"), a float (an evaluated equation) is taken at its binary value.
@@ -17,7 +20,8 @@ The files the loaders read, their sources and their download are fetch.py's: a l
 - `teacher_keywords(teacher, examples, path)`: the CSQA critical words (App. B.2), resumable JSONL. `teacher()`
   gives (model, tokenizer); it is called only when something is left to generate.
 - `build_attention_cache(model, tok, examples, meta)`: `A_t [L1, S, W]` per example, from one no-grad
-  teacher pass through `capture.capture`; `load_attention_cache(path, meta)` refuses a mismatched cache.
+  teacher pass through `capture.capture`; `load_attention_cache(path, meta)` refuses a mismatched cache;
+  `texts_hash(examples)` is the cache's fingerprint of the texts; `save_atomic(obj, path)` writes it whole.
 - `load_torch(path, fix)`: a torch file of tensors, dicts, lists, numbers and strings (`weights_only`: no code in
   it runs), on the CPU; any failure is a one-line ValueError ending with `fix`.
 - `read_appended(path)`: the rows of a JSONL file written row by row (the teacher's files, a run's step log); a

@@ -15,7 +15,7 @@ costs no extra forward; then Eq. 7 and one backward. Both passes' activations ar
 --grad-accum splits the batch when they do not fit. Several GPUs (torchrun): `Student`, the LM with its router,
 in DistributedDataParallel.
 
-Public functions: `Student`, `step`, `check_inputs`, `teacher_stage`, `batch_indices`, `train`, `main`.
+Public functions: `Student`, `step`, `check_inputs`, `teacher_stage`, `batch_indices`, `fit`, `train`, `main`.
 """
 
 import contextlib

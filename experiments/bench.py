@@ -52,7 +52,7 @@ needs a reader of eager attention with the capture's interface (`eager_attention
 
 Public functions: `parse_args`, `configs`, `pin_malloc`, `run_one`, `bench_train`, `bench_alternate`,
 `bench_capture`, `bench_teacher`, `bench_flops`, `count_flops`, `attention_flops`, `eager_attention`,
-`long_examples`, `summarize`, `tables`, `main`.
+`long_examples`, `fake_cache`, `byte_tokenizer`, `tiny_config`, `saved_bytes`, `summarize`, `tables`, `main`.
 """
 
 import argparse

@@ -11,7 +11,9 @@ data.load_torch (no code in them runs); one that cannot be read, or a run that i
 `error: ...`, exit status 2.
 
 Public functions: `run_argv`, `load_run`, `example_view`, `student_stepwise`, `student_weights`,
-`critical_attention`, `numeric_share`, one `plot_*` per figure, `parse_args`, `main`.
+`critical_attention`, `numeric_share`, one function per figure (`plot_heatmap`, `plot_teacher_layers`,
+`plot_column_gradient`, `plot_layer_weights`, `plot_router_over_steps`, `plot_numeric_share`, `plot_losses`),
+`parse_args`, `main`.
 
 Choices:
 - The run is rebuilt from checkpoint/trainer_state.pt "args" (flags.parse_args, data.training_examples: built-in
