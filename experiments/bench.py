@@ -736,7 +736,7 @@ def _run_to_pipe(cfg, conn):
 def _child(cfg):
     """Run cfg in a fresh process forked from a server that has imported torch and transformers once."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["experiments.bench"])  # by name: the server would not import "__main__" (3.11)
+    ctx.set_forkserver_preload(["train"])  # torch, transformers and the project, imported once by the server
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_run_to_pipe, args=(cfg, send))
     proc.start()
