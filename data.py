@@ -32,7 +32,8 @@ The files the loaders read, their sources and their download are fetch.py's: a l
   `collate(batch, pad_id)` (right-padded tensors).
 
 Choices the paper leaves open (docs/design.md has them all):
-- svamp: the DSS 800/200 split; question = DSS's `input` verbatim; gold = its equation, evaluated.
+- svamp: the DSS 800/200 split; question = DSS's `input` verbatim; gold = its equation, evaluated (train.py's
+  `--answer-target equation` trains on the equation itself, DSS's label).
 - asdiv: ASDiv-A (the 1218 ids of nfolds/asdiv-a) in ASDiv.xml order, all as split "test" (no official
   split). Question = Body + " " + Question; answer = the number before the unit ("9 (apples)" -> "9").
   All ASDiv-A answers have that form (times, ordinals, yes/no occur in ASDiv-W only); any other raises
@@ -140,12 +141,15 @@ def _convert(rows, make) -> list:  # make(i, row) per row; a bad field -> ValueE
     return out
 
 
-def _svamp(root: Path, split: str) -> list[dict]:
+def _svamp(root: Path, split: str, equations: bool = False) -> list[dict]:
+    # DSS's rows: "input" (the question), "label" (the equation, "( 84.0 / 2.0 )"); gold = its value. With
+    # `equations` each record also keeps the label as it stands in the file: "equation", DSS's answer-task target.
     path = f"svamp/distilling_step_by_step/svamp_{split}.json"
     fetch.ensure_files(root, [path])
     rows = _jsonl(root / path)
     return _convert(rows, lambda i, r: {"id": f"svamp-{split}-{i}", "question": _text(r["input"]),
-                                        "answer": answers.format_number(safe_eval(r["label"]))})
+                                        "answer": answers.format_number(safe_eval(r["label"])),
+                                        **({"equation": r["label"]} if equations else {})})
 
 
 def _gsm8k(root: Path, split: str) -> list[dict]:
@@ -545,17 +549,28 @@ def save_atomic(obj, path) -> None:
 
 def training_examples(args, teacher) -> list[dict]:
     """Train records joined with their rationales (and CSQA keywords): `{id, question, answer, rationale}`, as
-    train.py's flags say (`--data`, `--rationales`, `--method`). Every rationale ends before its answer statement;
-    the answer target of L_pre is always gold. `teacher()` gives (model, tokenizer), called only when the teacher
-    must generate; what it generates is appended to --out's rationales.jsonl / keywords.jsonl and reused."""
+    train.py's flags say (`--data`, `--rationales`, `--method`, `--answer-target`). Every rationale ends before its
+    answer statement; the answer target of L_pre is always gold: the number, or under `--answer-target equation`
+    (--data svamp) SVAMP's equation as DSS trains it, its label verbatim ("( 84.0 / 2.0 )", also kept as
+    "equation"), put in `answer` once the rationales are chosen (the teacher's are checked against the number).
+    `teacher()` gives (model, tokenizer), called only when the teacher must generate; what it generates is appended
+    to --out's rationales.jsonl / keywords.jsonl and reused."""
+
+    def with_target(examples):  # L_pre's target: the gold number as read, or DSS's equation
+        return [dict(e, answer=e["equation"]) for e in examples] if args.answer_target == "equation" else examples
+
+    if args.answer_target == "equation" and args.data != "svamp":
+        raise ValueError(f"--answer-target equation: equations exist for --data svamp only, not {args.data!r}")
     if args.data == "builtin":
         records = problems.make_problems(args.n_train, seed=0)
+    elif args.answer_target == "equation":
+        records = _svamp(fetch.resolve_data_dir(args.data_dir), "train", equations=True)
     elif args.data in SPLITS:
         records = load_dataset(args.data, "train", args.data_dir)
     else:
         records = load_file(args.data)
     if args.method == "vanilla":
-        return [dict(r, rationale="") for r in records]
+        return with_target([dict(r, rationale="") for r in records])
     if args.rationales == "builtin":
         kept = [{"id": r["id"], "rationale": split_answer(r["rationale"])[0]} for r in records]
     elif args.rationales == "palm":
@@ -569,7 +584,7 @@ def training_examples(args, teacher) -> list[dict]:
     if examples and task_of(records[0]) == "csqa" and args.method == "molsaki":  # critical words: its keywords
         keywords = teacher_keywords(teacher, examples, args.out / "keywords.jsonl", args.teacher_batch_size)
         examples = [dict(e, keywords=keywords[e["id"]]) for e in examples]
-    return examples
+    return with_target(examples)
 
 
 def teacher_cache(args, examples: list[dict], teacher) -> dict:
@@ -577,7 +592,7 @@ def teacher_cache(args, examples: list[dict], teacher) -> dict:
     teacher (`teacher()` gives (model, tokenizer)) and saved."""
     meta = {"teacher": args.teacher, "exp_prompt": EXP_PROMPT, "delimiters": args.delimiters,
             "critical": "keywords" if task_of(examples[0]) == "csqa" else "numbers", "max_length": args.max_length,
-            "texts": texts_hash(examples)}
+            "steps": "tiled", "texts": texts_hash(examples)}  # steps: spans.token_groups' rule (Eq. 2 tiling)
     path = args.out / "teacher_cache.pt"
     if path.exists():
         print(f"[train] reusing teacher attention cache {path}")

@@ -7,6 +7,7 @@ teacher and the student (paper App. C.2); each model's tokenizer then maps them 
 - `number_spans(text, start, end)`: numerals, the critical words of math tasks.
 - `keyword_spans(text, keywords, start, end)`: teacher keywords, the critical words of CSQA.
 - `example_spans(question, rationale, prompt, keywords, delimiters)`: `(text, steps, words)` of one example.
+- `step_tiles(steps, length)`: the characters each step owns (Eq. 2: the steps tile the whole text).
 - `token_groups(text, offsets, spans, by)`: span id -> token indices, for the spans that count.
 - `align(*kept)`: the span ids that count for every model, in text order.
 - `encode(tokenizer, text, steps, words, max_length)`: `(input_ids, step_tokens, word_tokens)`.
@@ -16,10 +17,14 @@ Choices the paper leaves open (docs/design.md, "Steps", "Critical words", "Token
 - a keyword matches case-insensitively where no letter, digit or "_" touches either end, and any run of
   whitespace matches a space inside a multi-word keyword; when matches of two keywords overlap, the
   earlier-starting one is kept, then the longer one;
-- a step or word counts for a model only if every non-space character of it lies inside a kept
-  (non-special, non-truncated) token and it got at least one token.
+- a step is found as a sentence (`step_spans`), but owns every character from its start to the next step's start
+  (the first from character 0, the last to the end of the text: `step_tiles`), so every token, the template's,
+  BOS and whitespace-only ones included, is in exactly one step (Eq. 2: M1 covers tokens 0 .. M-1);
+- a step or word counts for a model only if every non-space character of it (of its tile, for a step) lies
+  inside a kept (non-special, non-truncated) token and it got at least one token.
 """
 
+import bisect
 import re
 
 NUMBER = re.compile(r"[0-9]+(?:,[0-9]{3})*(?:\.[0-9]+)?")
@@ -68,8 +73,9 @@ def example_spans(
     question: str, rationale: str, prompt: str, keywords: list[str] | None = None, delimiters: str = "."
 ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
     """text = prompt.format(question=question) + " " + rationale (docs/design.md, "Text layout"), its steps (question's
-    sentences, then the rationale's) and its critical words (numbers, or `keywords` when given),
-    found only in the question and the rationale, never in the template."""
+    sentences, then the rationale's; each owns the text up to the next one, template words included: `step_tiles`)
+    and its critical words (numbers, or `keywords` when given), found only in the question and the rationale, never
+    in the template."""
     if prompt.count("{question}") != 1:
         raise ValueError(f"prompt must contain '{{question}}' exactly once: {prompt!r}")
     q0 = len(prompt[: prompt.index("{question}")].format())
@@ -84,36 +90,68 @@ def example_spans(
     return text, steps, words
 
 
+def step_tiles(steps: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """The characters `(start, end)` each step owns in a text of `length` characters: step k runs from its start
+    to the next step's start, the first from 0 and the last to `length` (Eq. 2: M1 covers every token).
+    `steps` are in text order, as `example_spans` gives them."""
+    if not steps:
+        return []
+    starts = [s for s, _ in steps]
+    if starts[0] < 0 or any(b <= a for a, b in zip(starts, starts[1:] + [length], strict=True)):
+        raise ValueError(f"steps must start in increasing order, from 0 and before {length}: {steps}")
+    return list(zip([0] + starts[1:], starts[1:] + [length], strict=True))
+
+
 def token_groups(
     text: str, offsets: list[tuple[int, int]], spans: list[tuple[int, int]], by: str
 ) -> dict[int, list[int]]:
-    """Span id -> token indices, for the spans that count. by="word": tokens whose character interval
-    overlaps the span (byte-level BPE may give several tokens the same offsets); by="step": tokens whose
-    first non-space character lies in the span. Tokens with empty offsets (special) belong to nothing."""
+    """Span id -> token indices, for the spans that count.
+
+    by="word": tokens whose character interval overlaps the span (byte-level BPE may give several tokens the
+    same offsets); tokens with empty offsets (special) belong to no word.
+    by="step": `spans` are all the steps in text order; step k owns `step_tiles(spans, len(text))[k]` and every
+    token is in the step that owns its anchor: its first non-space character, the start of a whitespace-only
+    token, and for a token with empty offsets (BOS, a special token) the end of the token before it (0 first).
+    A span counts if it got a token and every non-space character of it (of its tile, for a step) lies in a
+    token with non-empty offsets (so a step or word cut by truncation does not count)."""
     if by not in ("word", "step"):
         raise ValueError(f"by must be 'word' or 'step', got {by!r}")
     if any(b > len(text) for _, b in offsets):
         raise ValueError("offsets reach past the end of text: were they computed on another text?")
     kept = [(i, a, b) for i, (a, b) in enumerate(offsets) if b > a]
-    first = {i: _first_char(text, a, b) for i, a, b in kept}
     covered = [False] * len(text)
     for _, a, b in kept:
         covered[a:b] = [True] * (b - a)
+    if by == "word":
+        regions = spans
+        members = [[i for i, a, b in kept if a < e and s < b] for s, e in spans]
+    else:
+        regions = step_tiles(spans, len(text))
+        starts = [s for s, _ in regions[1:]]
+        members = [[] for _ in regions]
+        if regions:
+            for i, c in enumerate(_anchors(text, offsets)):
+                members[bisect.bisect_right(starts, c)].append(i)
     groups = {}
-    for k, (s, e) in enumerate(spans):
-        if by == "word":
-            tokens = [i for i, a, b in kept if a < e and s < b]
-        else:
-            tokens = [i for i, _, _ in kept if s <= first[i] < e]
+    for k, (s, e) in enumerate(regions):
         whole = all(covered[c] or text[c].isspace() for c in range(s, e))
-        if tokens and whole:
-            groups[k] = tokens
+        if members[k] and whole:
+            groups[k] = members[k]
     return groups
 
 
-def _first_char(text: str, a: int, b: int) -> int:
-    """Index of the first non-space character of text[a:b], or -1 if there is none."""
-    return next((c for c in range(a, b) if not text[c].isspace()), -1)
+def _anchors(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """The character that places each token in a step: its first non-space character, else (whitespace only)
+    its start; for empty offsets, the end of the last token before it with non-empty offsets, or 0."""
+    out, end = [], 0
+    for a, b in offsets:
+        if b > a:
+            first = next((c for c in range(a, b) if not text[c].isspace()), a)
+            out.append(first)
+            end = b
+        else:
+            out.append(end)
+    return out
 
 
 def align(*kept: dict[int, list[int]]) -> list[int]:

@@ -160,8 +160,11 @@ def report(w) -> str:
             out)
     out += ["  " + line for line in w["text"].split("\n")]
 
-    _header(2, "Eq. 2/3 index sets", "spans.example_spans (steps M1/N1, critical words M2/N2)", out)
-    out += [f"  s{k:<3} [{a}, {b})  {w['text'][a:b]!r}" for k, (a, b) in enumerate(w["steps"])]
+    _header(2, "Eq. 2/3 index sets", "spans.example_spans, spans.step_tiles (steps M1/N1, critical words M2/N2)",
+            out)
+    tiles = spans.step_tiles(w["steps"], len(w["text"]))  # each step owns its characters up to the next one's start
+    out += [f"  s{k:<3} [{a}, {b})  {w['text'][a:b]!r}  owns [{c}, {d})"
+            for k, ((a, b), (c, d)) in enumerate(zip(w["steps"], tiles, strict=True))]
     out += [f"  w{k:<3} [{a}, {b})  {w['text'][a:b]!r}" for k, (a, b) in enumerate(w["words"])]
 
     _header(3, "App. C.2 token groups", "spans.encode -> spans.token_groups, spans.align", out)

@@ -1,14 +1,49 @@
 """spans.py against hand-written spans and per-character brute-force oracles."""
 
+import functools
 import random
 
 import pytest
-from tiny_tokenizers import bytelevel_tokenizer, metaspace_tokenizer
+from tiny_tokenizers import CORPUS, bytelevel_tokenizer, metaspace_tokenizer
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
+import data
+import flags
+import problems
 import spans
 
 PROMPT = "Question: {question}\nRationale:"
 TOKENIZERS = [bytelevel_tokenizer, metaspace_tokenizer]
+
+
+@functools.cache
+def _spaced():
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+            pre_tokenizers.Punctuation(),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))]
+    )
+    return tok
+
+
+def spaced_tokenizer():
+    """Every whitespace run is its own token (as SmolLM2 / Llama 3 give the space before a number its own token),
+    BOS "<s>" first and EOS "</s>" last, both with empty offsets."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_spaced(), bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+STEP_TOKENIZERS = [*TOKENIZERS, spaced_tokenizer]
 
 
 def texts(text, found):
@@ -106,25 +141,27 @@ def test_rationale_without_period():
     assert words == [(18, 19), (54, 55)]
 
 
-def test_template_belongs_to_no_step():
+def test_template_words_join_the_adjacent_step():
     prompt = "Step 1 of 2. Question: {question}\nRationale 3:"
     text, steps, words = spans.example_spans("Ann has 4 pens. She loses 1.", "4 - 1 = 3. The answer is 3.", prompt)
     assert text == "Step 1 of 2. Question: Ann has 4 pens. She loses 1.\nRationale 3: 4 - 1 = 3. The answer is 3."
-    assert steps == [(23, 38), (39, 51), (65, 75), (76, 92)]
+    assert steps == [(23, 38), (39, 51), (65, 75), (76, 92)]  # sentences: where each step starts
     assert texts(text, words) == ["4", "1", "4", "1", "3", "3"]  # the template's 1, 2, 3 are not words
     assert words[0] == (31, 32)
-    template = {c for c in range(len(text)) if not any(s <= c < e for s, e in steps)}
-    for make in TOKENIZERS:
+    # Eq. 2: the steps tile the text; "Step 1 of 2. Question: " joins the first, "\nRationale 3: " the second
+    assert spans.step_tiles(steps, len(text)) == [(0, 39), (39, 65), (65, 76), (76, 92)]
+    head, tail = text.index("Ann"), (text.index("\nRationale"), text.index("4 - 1"))
+    for make in STEP_TOKENIZERS:
         tok = make()
         offsets = offsets_of(tok, text)
         step_tokens = spans.token_groups(text, offsets, steps, "step")
-        in_steps = {i for group in step_tokens.values() for i in group}
-        first_of = {
-            i: next((c for c in range(a, b) if not text[c].isspace()), None) for i, (a, b) in enumerate(offsets)
-        }
-        for i, c in first_of.items():
-            if c is not None and c in template:
-                assert i not in in_steps
+        assert sorted(i for group in step_tokens.values() for i in group) == list(range(len(offsets)))
+        for i, (a, b) in enumerate(offsets):
+            at = ([c for c in range(a, b) if not text[c].isspace()] or [a])[0]  # BOS: 0
+            if i == 0 or b > a and at < head:  # BOS and "Step 1 of 2. Question: "
+                assert i in step_tokens[0]
+            elif b > a and tail[0] <= at < tail[1]:  # "\nRationale 3: "
+                assert i in step_tokens[1]
 
 
 def test_example_spans_bad_prompt():
@@ -174,9 +211,16 @@ def test_keywords_only_inside_question_and_rationale():
 def test_token_groups_hand_offsets():
     text = "A.  B."
     steps = [(0, 2), (4, 6)]
+    # BOS (0, 0) starts step 0; the whitespace-only "  " is in the step of its start; a trailing special token
+    # (0, 0) follows the token before it, into the last step: every token is in one step
     assert spans.token_groups(text, [(0, 0), (0, 1), (1, 2), (2, 4), (4, 5), (5, 6), (0, 0)], steps, "step") == {
-        0: [1, 2],
-        1: [4, 5],
+        0: [0, 1, 2, 3],
+        1: [4, 5, 6],
+    }
+    # a step owns the text up to the next step: " X." before "B." is step 0's, the last step runs to the end
+    assert spans.token_groups("A. X. B. Y", [(0, 2), (2, 4), (4, 5), (5, 8), (8, 10)], [(0, 2), (6, 8)], "step") == {
+        0: [0, 1, 2],
+        1: [3, 4],
     }
     # a token ".  B" starts in step 0: it belongs there (first non-space char), yet still covers "B"
     assert spans.token_groups(text, [(0, 1), (1, 5), (5, 6)], steps, "step") == {0: [0, 1], 1: [2]}
@@ -203,11 +247,21 @@ def test_token_groups_coverage_rule():
     assert spans.token_groups(text, [(0, 11)], [(0, 12)], "step") == {}
 
 
+def test_step_tiles():
+    assert spans.step_tiles([(3, 5), (6, 9), (12, 14)], 16) == [(0, 6), (6, 12), (12, 16)]
+    assert spans.step_tiles([(0, 4)], 4) == [(0, 4)] and spans.step_tiles([], 0) == []
+    for steps in [[(3, 5), (3, 9)], [(6, 9), (3, 5)], [(0, 1), (4, 5)], [(0, 2), (0, 2)]]:
+        with pytest.raises(ValueError, match="increasing"):
+            spans.step_tiles(steps, 4)
+
+
 def test_token_groups_errors():
     with pytest.raises(ValueError):
         spans.token_groups("ab", [(0, 2)], [(0, 2)], "token")
     with pytest.raises(ValueError):
         spans.token_groups("ab", [(0, 3)], [(0, 2)], "word")
+    with pytest.raises(ValueError):
+        spans.token_groups("ab. cd.", [(0, 3), (3, 7)], [(4, 7), (0, 3)], "step")  # steps out of text order
 
 
 def test_align_intersection():
@@ -255,17 +309,18 @@ def test_overlapping_offsets_grouped(make):
     assert {i for i, o in enumerate(offsets) if o == (div, div + 1)} < set(step_tokens[0])
 
 
-def test_bos_has_empty_offsets_and_no_group():
+def test_bos_has_empty_offsets_and_starts_the_first_step():
     tok = metaspace_tokenizer()
     text, steps, words = spans.example_spans("Tom has 5 pens.", "He has 5.", PROMPT)
     ids, step_tokens, word_tokens = spans.encode(tok, text, steps, words)
     offsets = offsets_of(tok, text)
     assert ids[0] == tok.bos_token_id and offsets[0] == (0, 0)
-    assert all(0 not in group for group in [*step_tokens.values(), *word_tokens.values()])
+    assert all(0 not in group for group in word_tokens.values())
     assert sorted(step_tokens) == [0, 1] and sorted(word_tokens) == [0, 1]
-    # "Tom" is the first step's first token after "Question:" (template)
-    first = min(step_tokens[0])
-    assert text[offsets[first][0] : offsets[first][1]].strip().startswith("T")
+    # BOS, "Question:" (template) and "Tom has 5 pens." up to "\nRationale:" are step 0; "He has 5." step 1
+    he = text.index("He")
+    first = next(i for i, (a, b) in enumerate(offsets) if a <= he < b)  # the token of "He"'s "H"
+    assert step_tokens[0] == list(range(first)) and step_tokens[1] == list(range(first, len(ids)))
 
 
 @pytest.mark.parametrize("make", TOKENIZERS)
@@ -285,7 +340,15 @@ def test_truncation_cuts_a_number_and_a_step(make):
     last = next(i for i, (a, b) in enumerate(offsets) if a < end <= b)
     assert offsets[last][1] == end
     _, step_tokens, word_tokens = spans.encode(tok, text, steps, words, max_length=last + 1)
+    # the second step owns "\nRationale:" too (up to the next step): without it, it is cut, so it does not count
+    assert sorted(step_tokens) == [0] and sorted(word_tokens) == [0, 1]
+
+    end = text.index("Rationale:") + len("Rationale:")  # cut right after the template: the second step is whole
+    last = next(i for i, (a, b) in enumerate(offsets) if a < end <= b)
+    assert offsets[last][1] == end
+    _, step_tokens, word_tokens = spans.encode(tok, text, steps, words, max_length=last + 1)
     assert sorted(step_tokens) == [0, 1] and sorted(word_tokens) == [0, 1]
+    assert sorted(i for group in step_tokens.values() for i in group) == list(range(last + 1))
 
 
 def test_slow_tokenizer_is_rejected_before_use():
@@ -375,8 +438,8 @@ def oracle_numbers(text):
     return found
 
 
-def oracle_groups(text, offsets, special, found, by):
-    """Per character: which span owns it, which tokens touch it, which characters are kept."""
+def oracle_word_groups(text, offsets, special, found):
+    """Per character: which word owns it, which tokens touch it, which characters are kept."""
     owner = {c: k for k, (s, e) in enumerate(found) for c in range(s, e)}
     groups = {k: [] for k in range(len(found))}
     covered = set()
@@ -385,14 +448,37 @@ def oracle_groups(text, offsets, special, found, by):
             assert a == b
             continue
         covered |= set(range(a, b))
-        if by == "step":
-            chars = [c for c in range(a, b) if not text[c].isspace()][:1]
-        else:
-            chars = list(range(a, b))
-        for k in sorted({owner[c] for c in chars if c in owner}):
+        for k in sorted({owner[c] for c in range(a, b) if c in owner}):
             groups[k].append(t)
     whole = {k for k, (s, e) in enumerate(found) if all(c in covered or text[c].isspace() for c in range(s, e))}
     return {k: g for k, g in groups.items() if g and k in whole}
+
+
+def oracle_step_groups(text, offsets, special, steps):
+    """Eq. 2 by walking the characters: a new step begins at each step's first character (the first step at
+    character 0, the last running to the end); a token joins the step of its first non-space character (of its
+    start if it has none; special tokens: of the end of the text before them); a step counts if every
+    non-space character it owns lies in a non-special token."""
+    if not steps:
+        return {}
+    owner, k = [], 0
+    for c in range(len(text) + 1):  # position len(text): after the last character, still the last step
+        if k + 1 < len(steps) and c == steps[k + 1][0]:
+            k += 1
+        owner.append(k)
+    groups = {k: [] for k in range(len(steps))}
+    covered, seen = set(), 0
+    for t, ((a, b), is_special) in enumerate(zip(offsets, special, strict=True)):
+        if is_special:
+            assert a == b
+            groups[owner[seen]].append(t)
+            continue
+        covered |= set(range(a, b))
+        seen = b
+        chars = [c for c in range(a, b) if not text[c].isspace()] or [a]
+        groups[owner[chars[0]]].append(t)
+    cut = {owner[c] for c in range(len(text)) if c not in covered and not text[c].isspace()}
+    return {k: g for k, g in groups.items() if g and k not in cut}
 
 
 def test_step_spans_match_character_oracle():
@@ -433,14 +519,25 @@ def test_keyword_spans_match_scan():
         assert spans.keyword_spans(text, keywords) == expected, (text, keywords)
 
 
-@pytest.mark.parametrize("make", TOKENIZERS)
+def test_spaced_tokenizer_has_whitespace_tokens_bos_and_eos():
+    tok = spaced_tokenizer()
+    text = "Question: Tom has  5 apples.\nRationale: 5."
+    enc = tok(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    offsets = enc["offset_mapping"]
+    assert enc["input_ids"][0] == tok.bos_token_id and enc["input_ids"][-1] == tok.eos_token_id
+    assert offsets[0] == offsets[-1] == (0, 0) and enc["special_tokens_mask"][-1] == 1
+    assert {text[a:b] for a, b in offsets if b > a and text[a:b].isspace()} >= {" ", "\n"}  # whitespace-only
+
+
+@pytest.mark.parametrize("make", STEP_TOKENIZERS)
 def test_token_groups_match_character_oracle(make):
     rng = random.Random(3)
     tok = make()
     for _ in range(60):
         question, rationale = random_segment(rng), random_segment(rng)
         keywords = rng.choice([None, ["area", "wooded area", "Tom", "÷", "😀"]])
-        text, steps, words = spans.example_spans(question, rationale, PROMPT, keywords)
+        prompt = rng.choice([PROMPT, "{question}\n\nRationale:", "Q:  {question}  A: "])
+        text, steps, words = spans.example_spans(question, rationale, prompt, keywords)
         full = len(tok(text)["input_ids"])
         for max_length in [None, rng.randint(2, full)]:
             ids, step_tokens, word_tokens = spans.encode(tok, text, steps, words, max_length)
@@ -453,8 +550,29 @@ def test_token_groups_match_character_oracle(make):
             )
             assert ids == enc["input_ids"]
             offsets, special = enc["offset_mapping"], enc["special_tokens_mask"]
-            assert step_tokens == oracle_groups(text, offsets, special, steps, "step")
-            assert word_tokens == oracle_groups(text, offsets, special, words, "word")
-            if max_length is None:
+            assert step_tokens == oracle_step_groups(text, offsets, special, steps)
+            assert word_tokens == oracle_word_groups(text, offsets, special, words)
+            if max_length is None:  # every step and word counts; every token is in exactly one step
                 assert sorted(step_tokens) == list(range(len(steps)))
                 assert sorted(word_tokens) == list(range(len(words)))
+                assert sorted(t for group in step_tokens.values() for t in group) == list(range(len(ids)))
+            else:  # the steps that count are the first ones, each whole: a prefix of the tokens
+                kept = [t for k in sorted(step_tokens) for t in step_tokens[k]]
+                assert sorted(step_tokens) == list(range(len(step_tokens))) and kept == list(range(len(kept)))
+
+
+# ---------------------------------------------------------------- the teacher cache records the step rule
+
+
+def test_teacher_cache_built_with_untiled_steps_is_refused(tmp_path, monkeypatch):
+    args = flags.parse_args(["--data", "builtin", "--teacher", "t", "--out", str(tmp_path), "--n-train", "3"])
+    examples = problems.make_problems(3, seed=0)
+    built = []
+    monkeypatch.setattr(data, "build_attention_cache", lambda model, tok, ex, meta, *a: built.append(meta) or {
+        "meta": meta, "items": {}})
+    data.teacher_cache(args, examples, lambda: (None, None))
+    assert built and built[0]["steps"] == "tiled"
+    old = {k: v for k, v in built[0].items() if k != "steps"}  # a cache from before the steps tiled the text
+    data.save_atomic({"meta": old, "items": {}}, tmp_path / "teacher_cache.pt")
+    with pytest.raises(ValueError, match=r"differs in: steps\)"):
+        data.teacher_cache(args, examples, lambda: (None, None))

@@ -179,6 +179,11 @@ def test_printed_numbers_equal_the_oracle(walked, oracle):
     assert (S, W) == (6, 9)
     for k, (a, z) in enumerate(w["words"]):  # block 2: the spans with their substrings
         assert f"  w{k:<3} [{a}, {z})  {w['text'][a:z]!r}" in b[2]
+    owned = [tuple(map(int, re.search(r"owns \[(\d+), (\d+)\)$", line).groups())) for line in b[2]
+             if line.startswith("  s")]
+    assert len(owned) == len(w["steps"]) and owned[0][0] == 0 and owned[-1][1] == len(w["text"])
+    for (a, z), (c, d), nxt in zip(w["steps"], owned, owned[1:] + [(len(w["text"]), None)], strict=True):
+        assert c <= a < z <= d == nxt[0]  # the tiles cover the text without gaps, each around its sentence
     assert f"A_t and A_s are both [S, W] = [{S}, {W}]" in "\n".join(b[3])
     L1 = len(oracle["p_t"])
     for layer in (0, L1 - 1):
