@@ -3,7 +3,9 @@
 No paper equation lives here; eval.py scores with these functions and data.py reads the teacher's answers with
 them (so neither imports the other). The paper does not say how it reads answers (our choices: docs/design.md,
 "Evaluation"). Two modes: `answer`, the output of the answer task; `cot`, a rationale that ends with its answer
-statement.
+statement. Two answer targets (`TARGETS`) say what the answer task writes: `number`, the gold number (Eq. 1 with
+a = the gold answer, read by `parse_math`); `equation`, an arithmetic expression whose value is the answer (DSS's
+SVAMP labels, "( 45.0 * 10.0 )"), evaluated by eval.parse_equation with data.safe_eval.
 
 Public functions:
     parse_math(text, mode) -> int | float | None   thousands commas removed; answer mode: the first number;
@@ -16,6 +18,7 @@ Public functions:
     is_correct(pred, gold, task) -> bool      math: pred == gold when both are integers (exact), else
                                               |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
     check_mode(mode)                          ValueError unless mode is "answer" or "cot".
+    check_target(target)                      ValueError unless target is "number" or "equation".
     format_number(x) -> str                   a number as answer text: "42", "0.5", "0.666667" (at most 6
                                               decimals, half to even); ints and Decimals exactly.
 """
@@ -25,6 +28,7 @@ import re
 from decimal import Context, Decimal
 
 MODES = ("answer", "cot")
+TARGETS = ("number", "equation")  # what the answer task writes: the gold number, or an expression (DSS's SVAMP)
 NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:\.\d+)?|\.\d+)")  # "5-3" is 5 and 3; "x = -3" is -3
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
@@ -35,6 +39,12 @@ def check_mode(mode: str) -> None:
     """ValueError unless `mode` is one of MODES."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+
+
+def check_target(target: str) -> None:
+    """ValueError unless `target` is one of TARGETS."""
+    if target not in TARGETS:
+        raise ValueError(f"answer target must be one of {list(TARGETS)}, got {target!r}")
 
 
 def _after_last_answer_is(text: str) -> str | None:

@@ -23,10 +23,16 @@ text). The layer's SDPA call runs in the dtype of the query (bf16 under autocast
 tokens, their softmax and the sums over steps and words run in float32. A is pre-dropout: under attention dropout a
 second SDPA call, without dropout, gives `pi`.
 
+Layers on several devices (a teacher loaded with a device map, `models.load_model(..., device_map=...)`): the
+index tensors are filled once on the host and copied once to each device a layer's query arrives on; the critical
+bias is built per (mask, device); each layer's A (and value states) stays on its layer's device until `stepwise` /
+`value_states` gathers them on the first layer's device.
+
 Token groups (`steps`, `words`) are lists of token positions, one list per step / critical word, as `spans.encode`
 gives them; in a padded batch they must be positions in the padded row.
 """
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -145,14 +151,19 @@ class Capture:
         self.groups, self.keep_values = groups, values
         self.sizes = [(len(steps), len(words)) for steps, words in groups]
         self.layers, self.values = {}, {}
-        self.index, self.biases = None, {}
+        self.host = None  # `_index` on the host: the index tensors, then the blocks; filled at the first layer
+        self.index = {}  # device -> the index tensors there, copied at the first layer on that device
+        self.biases = {}  # (id(mask), device) -> (a weak reference to the mask, its critical bias)
 
     def attend(self, module, query, key, value, mask, scaling, dropout, **kwargs):
-        """The layer's attention output; on the side, its A (pre-dropout) and value states."""
+        """The layer's attention output; on the side, its A (pre-dropout) and value states. Its tensors are on
+        the layer's device (query.device), which under a device map differs between layers."""
         B, H, N, D = query.shape
-        if self.index is None:
-            self.index = _index(self.groups, N, query.device)
-        rows, cols, valid, member, hit, blocks = self.index
+        if self.host is None:
+            self.host = _index(self.groups, N, "cpu")
+        if query.device not in self.index:
+            self.index[query.device] = [t.to(query.device) for t in self.host[:-1]]
+        (rows, cols, valid, member, hit), blocks = self.index[query.device], self.host[-1]
         q, k = F.pad(query, (0, EXTRA)), F.pad(key, (0, EXTRA))  # zero columns: the same logits
         hit = hit.to(value.dtype).expand(B, key.shape[1], N, EXTRA)  # [B, H_kv, N, EXTRA]
         if dropout == 0.0:  # pi is one more value column of the layer's own call
@@ -165,24 +176,40 @@ class Capture:
                                          **kwargs)[0]  # [B, N, H, D]
             pi = sdpa_attention_forward(module, q, k, F.pad(hit, (0, D)), mask, scaling=scaling, **kwargs)[0][..., 0]
         pi = pi.transpose(1, 2).contiguous()  # [B, H, N]; a copy, so that backward does not keep all of `out`
-        if id(mask) not in self.biases:  # one per mask the layers get: one, or one per kind (sliding, full)
-            self.biases[id(mask)] = _critical_bias(mask, cols, valid, N)
+        bias = self._bias(mask, cols, valid, N)
         # views of the padded q and k (held for the SDPA backward anyway): their first D columns
-        P = _CriticalProbs.apply(q[..., :D], k[..., :D], pi, cols, self.biases[id(mask)], scaling, blocks)  # [B, N, K]
+        P = _CriticalProbs.apply(q[..., :D], k[..., :D], pi, cols, bias, scaling, blocks)  # [B, N, K]
         with torch.autocast(query.device.type, enabled=False):  # the sums over steps and words in float32
             self.layers[module.layer_idx] = rows @ P @ member  # [B, S, N] @ [B, N, K] @ [B, K, W] -> [B, S, W]
         if self.keep_values:
             self.values[module.layer_idx] = value  # [B, H_kv, N, D]
         return out, None
 
+    def _bias(self, mask, cols, valid, n):
+        """The critical bias of `mask` on cols' device: one per mask the layers get (one, or one per kind: sliding,
+        full) and device. Under a device map each layer may get its own copy of the mask; a weak reference tells
+        a mask from a later one that Python gave the same id, without keeping the copies alive."""
+        key = (id(mask), cols.device)
+        ref, bias = self.biases.get(key, (None, None))
+        if ref is None or ref() is not mask:
+            bias = _critical_bias(mask, cols, valid, n)
+            self.biases[key] = ((lambda: None) if mask is None else weakref.ref(mask)), bias
+        return bias
+
+    @staticmethod
+    def _gather(per_layer):
+        """The layers' tensors in model order, on the device of the first layer's."""
+        first = per_layer[min(per_layer)].device
+        return [per_layer[i].to(first) for i in sorted(per_layer)]
+
     def stepwise(self):
-        """Per example [L, S_b, W_b], layers in model order."""
-        A = torch.stack([self.layers[i] for i in sorted(self.layers)], 1)  # [B, L, S, W]
+        """Per example [L, S_b, W_b], layers in model order, on the first layer's device."""
+        A = torch.stack(self._gather(self.layers), 1)  # [B, L, S, W]
         return [A[b, :, :S, :W] for b, (S, W) in enumerate(self.sizes)]
 
     def value_states(self):
-        """[B, L, N, d], d = H_kv * D: the router's input (Eq. 5)."""
-        return torch.stack([self.values[i].transpose(1, 2) for i in sorted(self.values)], 1).flatten(-2)
+        """[B, L, N, d], d = H_kv * D: the router's input (Eq. 5), on the first layer's device."""
+        return torch.stack([v.transpose(1, 2) for v in self._gather(self.values)], 1).flatten(-2)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -3,26 +3,36 @@
 No paper equation lives here, and the paper does not say how it reads answers (our choices: docs/design.md,
 "Evaluation"). Two modes:
     answer  the answer task (`data.PRE_PROMPT`), greedy, up to 16 new tokens: Distilling Step-by-Step's
-            protocol, the default (the paper does not say how it reads answers);
-    cot     the rationale task (`data.EXP_PROMPT`), greedy, up to 128 new tokens, answer read from it.
+            protocol, the default (the paper does not say how it reads answers). DSS's SVAMP answer task
+            predicts the equation (its label); by default the answer here is the number (answer target
+            `number`, read by parse_math). Answer target `equation` reads DSS's way: the output up to the end of
+            its first line is an arithmetic expression, its value the answer (`parse_equation`), up to 64 new
+            tokens (DSS's generation length; the longest SVAMP equation is 31 bytes).
+    cot     the rationale task (`data.EXP_PROMPT`), greedy, up to 128 new tokens, answer read from it
+            (answer target `number` only).
 
 Answers are read by answers.py (parse_math, parse_choice, is_correct). Public functions:
-    evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens, name) -> (accuracy, items)
+    evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens, name, answer_target)
+                                              -> (accuracy, items)
+    parse_equation(text) -> float | None      the value of the output's first line, stripped, as an arithmetic
+                                              expression (data.safe_eval: numbers, + - * /, parentheses, unary
+                                              minus; never eval), or None when it is not one ("45 *", "1,200").
     load_set(name, data_dir) -> records       a test set by name (`cli.TEST_SETS`) or a file of problems
                                               (`data.FILE_FORMATS`); `cli.set_label(name)` names its results.
-    run(checkpoint, sets, data_dir, mode, batch_size, limit, out, dtype) -> {set: accuracy}   (in [0, 1])
+    run(checkpoint, sets, data_dir, mode, batch_size, limit, out, dtype, answer_target) -> {set: accuracy}
                                               Results already in `out` for the same weights, records and settings
                                               are kept (`finished_items`): an interrupted run loses no set.
     weights_hash(model) -> str                SHA-256 of the loaded weights (what results are recorded against).
     parse_args(argv), main(argv)              the command line; a mistake is one line (cli.py).
 
 A record is {id, question, answer, choices?}; a record with `choices` (the choice texts, in the order
-a, b, c, ...) is scored as CSQA, any other as math. `builtin` names the built-in word problems
-`problems.make_problems(200, seed=1)`. Only the answer's new tokens are read, never the prompt.
+a, b, c, ...) is scored as CSQA (whatever the answer target), any other as math. `builtin` names the built-in word
+problems `problems.make_problems(200, seed=1)`. Only the answer's new tokens are read, never the prompt.
 
 Files in `out`: eval_<set>_<mode>.jsonl (per item), beside it eval_<set>_<mode>.meta.json (what made it: the
-weights' hash, the records' hash, mode, max_new_tokens, dtype, batch size, device), and eval_<mode>.json, the
-accuracy of every set there whose results are of the same weights (sets scored by earlier calls included).
+weights' hash, the records' hash, mode, answer target, max_new_tokens, dtype, batch size, device: results of the
+other answer target are never reused), and eval_<mode>.json, the accuracy of every set there whose results are of
+the same weights and answer target (sets scored by earlier calls included).
 """
 
 import hashlib
@@ -36,30 +46,53 @@ import data
 import fetch
 import models
 import problems
-from answers import check_mode, is_correct, parse_choice, parse_math
+from answers import TARGETS, check_mode, check_target, is_correct, parse_choice, parse_math
 from models import generate, load_model
 
-NEW_TOKENS = {"answer": 16, "cot": 128}  # per mode (answers.MODES)
+NEW_TOKENS = {"answer": 16, "cot": 128}  # per mode (answers.MODES), answer target number
+EQUATION_TOKENS = 64  # answer mode, answer target equation: DSS's generation_max_length (its --gen_max_len)
+
+
+def _new_tokens(mode: str, answer_target: str) -> int:
+    """The new tokens of a mode and answer target; ValueError for an unknown one or equation under cot."""
+    check_mode(mode)
+    check_target(answer_target)
+    if answer_target == "equation" and mode != "answer":
+        raise ValueError("answer target 'equation' is read in answer mode only (cot reads the number it states)")
+    return EQUATION_TOKENS if answer_target == "equation" else NEW_TOKENS[mode]
+
+
+def parse_equation(text: str) -> float | None:
+    """The value of `text` as DSS reads an equation: its first line (up to the first newline), stripped, evaluated
+    as an arithmetic expression by data.safe_eval (an AST walk, never eval); None when it is not one."""
+    try:
+        return data.safe_eval(text.split("\n", 1)[0])
+    except ValueError:
+        return None
 
 
 def evaluate(model, tokenizer, records: list[dict], mode: str = "answer", batch_size: int = 16,
-             max_new_tokens: int | None = None, name: str = "records") -> tuple[float, list[dict]]:
+             max_new_tokens: int | None = None, name: str = "records",
+             answer_target: str = "number") -> tuple[float, list[dict]]:
     """Greedy outputs for `records` (the set `name`, in progress lines), scored; returns (accuracy in [0, 1],
-    per-item dicts)."""
-    check_mode(mode)
+    per-item dicts). Under answer target `equation` a math output is read by `parse_equation`."""
+    default_tokens = _new_tokens(mode, answer_target)
     if not records:
         raise ValueError("evaluate needs at least one record")
     template = data.PRE_PROMPT if mode == "answer" else data.EXP_PROMPT
     prompts = [template.format(question=r["question"]) for r in records]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda")
     with autocast:
-        outputs = generate(model, tokenizer, prompts, max_new_tokens or NEW_TOKENS[mode], batch_size,
+        outputs = generate(model, tokenizer, prompts, max_new_tokens or default_tokens, batch_size,
                            desc=f"eval {name} {mode}")
     items = []
     for record, prompt, output in zip(records, prompts, outputs, strict=True):
         choices = record.get("choices")
         task = "csqa" if choices else "math"
-        parsed = parse_choice(output, choices, mode) if choices else parse_math(output, mode)
+        if choices:
+            parsed = parse_choice(output, choices, mode)
+        else:
+            parsed = parse_equation(output) if answer_target == "equation" else parse_math(output, mode)
         items.append({"id": record["id"], "prompt": prompt, "output": output, "parsed": parsed,
                       "gold": record["answer"], "correct": is_correct(parsed, record["answer"], task)})
     return _accuracy(items), items
@@ -116,20 +149,22 @@ def _write_results(path: Path, items: list[dict], meta: dict) -> None:
         part.replace(target)
 
 
-def _write_summary(out: Path, mode: str, weights: str) -> None:
-    """eval_<mode>.json: {set: accuracy} of every eval_<set>_<mode>.jsonl in `out` made with these weights."""
+def _write_summary(out: Path, mode: str, weights: str, answer_target: str = "number") -> None:
+    """eval_<mode>.json: {set: accuracy} of every eval_<set>_<mode>.jsonl in `out` made with these weights and this
+    answer target (results made before targets were recorded: number)."""
     summary = {}
     for path in sorted(out.glob(f"eval_*_{mode}.jsonl")):
         recorded = _meta_path(path)
-        if recorded.is_file() and json.loads(recorded.read_text())["weights"] == weights:
+        meta = json.loads(recorded.read_text()) if recorded.is_file() else None
+        if meta and meta["weights"] == weights and meta.get("answer_target", "number") == answer_target:
             summary[path.name[len("eval_"):-len(f"_{mode}.jsonl")]] = _accuracy(_read_items(path))
     (out / f"eval_{mode}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_size: int = 16,
-        limit: int | None = None, out=None, dtype: str = "auto") -> dict[str, float]:
+        limit: int | None = None, out=None, dtype: str = "auto", answer_target: str = "number") -> dict[str, float]:
     """Evaluate the checkpoint on each set; print a markdown table; write the files of the module doc."""
-    check_mode(mode)
+    new_tokens = _new_tokens(mode, answer_target)
     out = Path(out if out is not None else checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     tests = {name: load_set(name, data_dir)[:limit] for name in sets}  # every set read before the model loads
@@ -137,22 +172,23 @@ def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_
     model, tokenizer = load_model(str(checkpoint), dtype=models.resolve_dtype(dtype, device))
     weights = weights_hash(model)
     model.to(device)
-    settings = {"mode": mode, "max_new_tokens": NEW_TOKENS[mode], "dtype": str(model.dtype), "batch_size": batch_size,
-                "device": device}
+    settings = {"mode": mode, "answer_target": answer_target, "max_new_tokens": new_tokens, "dtype": str(model.dtype),
+                "batch_size": batch_size, "device": device}
     accuracies, rows = {}, ["| set | n | accuracy % |", "|---|---|---|"]
     for name, records in tests.items():
         path = out / f"eval_{cli.set_label(name)}_{mode}.jsonl"
         meta = {"weights": weights, "records": hashlib.sha256(json.dumps(records).encode()).hexdigest(), **settings}
         items = finished_items(path, meta)
         if items is None:
-            _, items = evaluate(model, tokenizer, records, mode, batch_size, name=cli.set_label(name))
+            _, items = evaluate(model, tokenizer, records, mode, batch_size, new_tokens, cli.set_label(name),
+                                answer_target)
             _write_results(path, items, meta)
         else:
             print(f"[eval] {name}: kept {path}, made by the same weights from the same items and settings")
         accuracy = _accuracy(items)
         accuracies[cli.set_label(name)] = accuracy
         rows.append(f"| {name} | {len(items)} | {100 * accuracy:.2f} |")
-    _write_summary(out, mode, weights)
+    _write_summary(out, mode, weights, answer_target)
     print("\n".join(rows))
     return accuracies
 
@@ -165,6 +201,9 @@ def parse_args(argv=None):
                         help=f"comma-separated: {', '.join(cli.TEST_SETS)}, or paths to JSON / JSONL files of problems")
     parser.add_argument("--data-dir", default=None, help="default: $MOLSAKI_DATA, else ~/.cache/molsaki/data")
     parser.add_argument("--mode", choices=sorted(NEW_TOKENS), default="answer")
+    parser.add_argument("--answer-target", choices=TARGETS, default="number",
+                        help="what answer mode reads: number = the first number (the gold number, Eq. 1); "
+                             "equation = the first line as an arithmetic expression, its value (DSS's SVAMP labels)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="first N items of each set")
     parser.add_argument("--dtype", default="auto", choices=["auto", *models.DTYPES],
@@ -179,6 +218,8 @@ def parse_args(argv=None):
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    if args.answer_target == "equation" and args.mode != "answer":
+        parser.error("--answer-target equation is read in --mode answer only (cot reads the number it states)")
     return args
 
 
@@ -191,7 +232,7 @@ def main(argv=None) -> dict[str, float]:
     except (ValueError, FileNotFoundError, fetch.DataUnavailable) as e:
         cli.fail(e)
     return run(args.checkpoint, args.sets, args.data_dir, args.mode, args.batch_size, args.limit, args.out,
-               args.dtype)
+               args.dtype, args.answer_target)
 
 
 if __name__ == "__main__":

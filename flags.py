@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+import answers
 import cli
 import data
 import models
@@ -39,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--student", default="smollm2-135m", help="hub id, folder, or a packaged name (gemma3-270m, smollm2-135m)")
     a("--teacher-dtype", default="auto", choices=["auto", *models.DTYPES],
       help="teacher weights for its rationale and attention passes: auto = bfloat16 on CUDA, float32 on CPU")
+    a("--teacher-device-map", default=None, choices=["auto"],
+      help="None = the teacher on one device (the GPU, else the CPU); auto = its layers spread over the visible "
+           "GPUs, then the CPU (accelerate), for a teacher no single GPU holds")
     a("--data", default="builtin", help=f"training set: {', '.join(DATA_SETS)}, or a JSON / JSONL file of problems")
     a("--data-dir", default=None, help="folder of the data sets (else $MOLSAKI_DATA, else ~/.cache/molsaki/data)")
     a("--rationales", default=None, choices=["builtin", "teacher", "palm"],
@@ -46,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--palm-filter", default="all", choices=["all", "correct"],
       help="PaLM items kept: every one with a rationale (all, as DSS) or only those PaLM answered right")
     a("--n-train", type=int, default=200, help="number of built-in training problems")
+    a("--answer-target", default="number", choices=answers.TARGETS,
+      help="L_pre's target, and how the final evaluation reads answers: number = the gold number (Eq. 1); equation "
+           "= SVAMP's equation as DSS trains it (its label, '( 45.0 * 10.0 )'), read by its value (--data svamp)")
     a("--method", default="molsaki", choices=METHODS, help="training objective")
     a("--alpha", type=float, default=0.5, help="weight of L_pre; L_exp gets 1 - alpha (Eq. 7)")
     a("--beta", type=float, default=None, help="weight of L_att (molsaki) or L_MMI (mmi); None = 1.0 or 0.1")
@@ -70,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval-sets", default=None,
       help="comma-separated names or files, '' for none; None = the training task's sets (EVAL_SETS)")
     a("--eval-batch-size", type=int, default=16, help="batch of the final evaluation")
-    a("--out", default=None, help="run directory; None = runs/<data>[-palm]-<method>[-sl<T>-<S>]-s<seed>")
+    a("--out", default=None, help="run directory; None = runs/<data>[-palm]-<method>[-sl<T>-<S>][-eq]-s<seed>")
     args = p.parse_args(argv)
     for k, v in SCHEDULE["builtin" if args.data == "builtin" else "paper"].items():
         if getattr(args, k) is None:
@@ -93,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:  # each README command its own directory: an ablation never overwrites the main run
         name = args.data if args.data in DATA_SETS else Path(args.data).stem
         parts = [name, "palm" if args.rationales == "palm" else "", args.method,
-                 f"sl{args.layer_map.replace(':', '-')}" if args.layer_map else "", f"s{args.seed}"]
+                 f"sl{args.layer_map.replace(':', '-')}" if args.layer_map else "",
+                 "eq" if args.answer_target == "equation" else "", f"s{args.seed}"]
         args.out = "runs/" + "-".join(part for part in parts if part)
     args.out = Path(args.out)
     problem = _flag_problem(args)
@@ -110,6 +118,8 @@ def _flag_problem(args) -> str | None:
     checks = [
         *((not math.isfinite(v), f"{k} must be a finite number, got {v}") for k, v in numbers.items()),
         (args.rationales == "builtin" and args.data != "builtin", "--rationales builtin needs --data builtin"),
+        (args.answer_target == "equation" and args.data != "svamp",
+         f"--answer-target equation: equations (DSS's labels) exist for --data svamp only, not {args.data!r}"),
         (args.rationales == "palm" and args.data not in ("svamp", "csqa"),
          f"--rationales palm: PaLM rationales exist for --data svamp and csqa only, not {args.data!r}"),
         (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),

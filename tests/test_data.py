@@ -11,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_tokenizers import bytelevel_tokenizer
 
+import data
 import fetch
+import flags
 from answers import format_number
 from data import (
     EXP_PROMPT,
@@ -288,3 +291,54 @@ def test_palm_csqa_against_the_dss_parse():
     assert len(correct) == 7333 and abs(share - 0.743) < 0.015
     assert len(load_palm_rationales("csqa", "test", DATA)) == 1221
     assert len(load_palm_rationales("csqa", "test", DATA, keep="correct")) == 957
+
+
+# ---------------------------------------------------------------------------------------------
+# --answer-target: L_pre learns the gold number (default) or SVAMP's equation as DSS trains it (its label verbatim).
+
+
+def _pre_target(tok, feature):
+    """The text L_pre is trained on: the labelled tokens of the answer task, without the final EOS."""
+    return tok.decode([t for t in feature["pre_labels"] if t != -100][:-1])
+
+
+@needs_data
+@pytest.mark.parametrize("extra", [["--method", "vanilla"], ["--method", "dss", "--rationales", "palm"]])
+def test_answer_target_equation_trains_on_dss_labels(extra):
+    labels = [json.loads(line)["label"] for line in
+              (DATA / "svamp" / "distilling_step_by_step" / "svamp_train.json").read_text().splitlines() if line]
+    common = ["--data", "svamp", "--data-dir", str(DATA), *extra]
+    by_target = {}
+    for target in ([], ["--answer-target", "number"], ["--answer-target", "equation"]):
+        args = flags.parse_args(common + target)
+        by_target[tuple(target)] = args, data.training_examples(args, teacher=None)
+    (_, default), (_, number), (equation_args, equation) = by_target.values()
+    assert default == number and [e["id"] for e in equation] == [e["id"] for e in number]
+    assert [e["rationale"] for e in equation] == [e["rationale"] for e in number]  # the same items kept
+    gold = {r["id"]: r for r in load("svamp", "train")}
+    for e in equation:  # the file's label, verbatim ("( 84.0 / 2.0 )"), of the item's own gold number
+        label = labels[int(e["id"].rsplit("-", 1)[1])]
+        assert e["answer"] == e["equation"] == label
+        assert format_number(safe_eval(label)) == gold[e["id"]]["answer"]
+    assert equation[0]["answer"] == "( 84.0 / 2.0 )" and number[0]["answer"] == "42"
+
+    tok = bytelevel_tokenizer()
+    number_args = by_target[("--answer-target", "number")][0]
+    f_number = data.features(number_args, number[:20], tok, None, 3)
+    f_equation = data.features(equation_args, equation[:20], tok, None, 3)
+    assert [_pre_target(tok, f) for f in f_equation] == [" " + e["answer"] for e in equation[:20]]
+    assert _pre_target(tok, f_equation[0]) == " ( 84.0 / 2.0 )" and _pre_target(tok, f_number[0]) == " 42"
+    for f, e in zip(f_number, number[:20], strict=True):  # number: the answer task as before the flag existed
+        assert _pre_target(tok, f) == " " + gold[e["id"]]["answer"]
+        assert (f["pre_ids"], f["pre_labels"]) == data.task_ids(tok, PRE_PROMPT.format(question=e["question"]),
+                                                                " " + gold[e["id"]]["answer"], 512)
+    if "exp_ids" in f_number[0]:  # the rationale task does not depend on the answer target
+        assert [f["exp_ids"] for f in f_equation] == [f["exp_ids"] for f in f_number]
+
+
+@needs_data
+def test_answer_target_equation_needs_svamp_data():
+    args = flags.parse_args(["--data", "svamp", "--data-dir", str(DATA), "--answer-target", "equation"])
+    args.data = "gsm8k"  # past the flag checks
+    with pytest.raises(ValueError, match="--answer-target equation: equations exist for --data svamp only"):
+        data.training_examples(args, teacher=None)

@@ -1,6 +1,7 @@
 """eval.py and answers.py: answer parsing on hand-checked outputs, batched generation against a one-by-one greedy loop,
 scoring, and the command line end to end on a tiny random model."""
 
+import builtins
 import json
 import os
 import types
@@ -472,3 +473,78 @@ def test_dtype_flag(tmp_path, monkeypatch):
     for flag in ("auto", "bfloat16"):
         ev.main(["--checkpoint", str(ckpt), "--sets", "builtin", "--limit", "1", "--dtype", flag])
     assert dtypes == [torch.float32, torch.bfloat16]  # auto on this CPU: float32
+
+
+# ---------------------------------------------------------------------------------------------
+# --answer-target equation: DSS's reading, the output's first line evaluated as an arithmetic expression.
+
+
+@pytest.mark.parametrize("output, value", [
+    ("( 45.0 * 10.0 )", 450.0), (" ( 45.0 * 10.0 ) ", 450.0), (" 45 * 10", 450.0), (" 450", 450.0),
+    ("-3 + 5", 2.0), (" ( 84.0 / 2.0 )\nQuestion: Tom has 3", 42.0),  # the first line only
+    (" 45 *", None), ("1,200", None), ("450 apples", None), ("( 45.0 * 10.0 ) Question:", None), ("", None),
+    ("\n450", None), ("2 ** 8", None), ("7 % 2", None), ("__import__('os')", None), ("1 / 0", None), ("x", None),
+])
+def test_parse_equation(output, value):
+    assert ev.parse_equation(output) == value
+
+
+def test_answer_target_equation_scores_values_without_eval(tmp_path, monkeypatch):
+    """An output is right when its expression's value is the gold number ("( 45.0 * 10.0 )", "45 * 10" and "450"
+    for 450), wrong when it is no expression ("45 *"); Python's eval never runs. The meta records the answer target:
+    results of the other target are evaluated again, never reused, and the summary is of one target."""
+    outputs, calls = [" ( 45.0 * 10.0 )", " 45 * 10", " 450", " 45 *"], []
+    monkeypatch.setattr(ev, "generate", fake_generator(outputs, calls))
+    records = [{"id": f"m-{k}", "question": f"Q{k}?", "answer": "450"} for k in range(4)]
+    cpu = types.SimpleNamespace(device=torch.device("cpu"))
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("Python's eval must never read an output")
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "eval", no_eval)
+        accuracy, items = ev.evaluate(cpu, None, records, answer_target="equation")
+    assert [(i["parsed"], i["correct"]) for i in items] == [(450.0, True), (450.0, True), (450.0, True), (None, False)]
+    assert accuracy == 0.75 and calls[-1][1] == ev.EQUATION_TOKENS == 64
+    _, items = ev.evaluate(cpu, None, records)  # number: the first number
+    assert [i["parsed"] for i in items] == [45, 45, 450, 45] and calls[-1][1] == 16
+    with pytest.raises(ValueError, match="answer mode only"):
+        ev.evaluate(cpu, None, records, mode="cot", answer_target="equation")
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    save_tiny_checkpoint(ckpt)
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": r["question"], "answer": 450} for r in records])
+    argv = ["--checkpoint", str(ckpt), "--sets", str(mine), "--out", str(out)]
+    metas = {}
+    calls.clear()
+    for target, accuracy, evaluated in [("equation", 0.75, 1), ("number", 0.25, 2), ("equation", 0.75, 3),
+                                        ("equation", 0.75, 3)]:  # the last one: kept, made with the same target
+        assert ev.main([*argv, "--answer-target", target]) == {"mine": accuracy}
+        assert len(calls) == evaluated
+        assert json.loads((out / "eval_answer.json").read_text()) == {"mine": accuracy}
+        metas[target] = json.loads((out / "eval_mine_answer.meta.json").read_text())
+        assert [i["correct"] for i in read_items(out / "eval_mine_answer.jsonl")] == (
+            [True, True, True, False] if target == "equation" else [False, False, True, False])
+    assert metas["equation"]["answer_target"] == "equation" and metas["number"]["answer_target"] == "number"
+    assert {k for k in metas["number"] if metas["number"][k] != metas["equation"][k]} == {"answer_target",
+                                                                                        "max_new_tokens"}
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no data at {DATA}")
+def test_answer_target_equation_on_every_math_set(tmp_path, monkeypatch):
+    """SVAMP, SingleEq, ASDiv, GSM8K and a file: an expression of the gold value is right, one of another value
+    wrong."""
+    ckpt = tmp_path / "ckpt"
+    save_tiny_checkpoint(ckpt)
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
+    sets = ["svamp", "singleeq", "asdiv", "gsm8k", str(mine)]
+    gold = {data.PRE_PROMPT.format(question=r["question"]): r["answer"] for name in sets
+            for r in ev.load_set(name, DATA)[:3]}
+
+    def fake(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
+        return [f" ( {gold[p]} * 2.0 ) / 2" if k % 2 == 0 else f" ( {gold[p]} + 1.0 )" for k, p in enumerate(prompts)]
+
+    monkeypatch.setattr(ev, "generate", fake)
+    accuracies = ev.main(["--checkpoint", str(ckpt), "--sets", ",".join(sets), "--data-dir", str(DATA), "--limit",
+                          "3", "--batch-size", "8", "--answer-target", "equation"])
+    assert accuracies == {"svamp": 2 / 3, "singleeq": 2 / 3, "asdiv": 2 / 3, "gsm8k": 2 / 3, "mine": 1.0}

@@ -95,7 +95,7 @@ def test_paired_bootstrap_cases():
 # ---------------------------------------------------------------------------------------------
 # 2. Presets: every dry-run command parses; the dry run writes nothing.
 
-RUNS = {"table1": 48, "table2": 39, "table3": 9, "small": 11}
+RUNS = {"table1": 48, "table2": 39, "table3": 9, "fig5": 45, "small": 11, "equation": 2}
 
 
 @pytest.mark.parametrize("preset", sorted(reproduce.PRESETS))
@@ -131,6 +131,30 @@ def test_dry_run_commands_parse(preset, tmp_path, capsys):
         assert {a.eval_sets for a in parsed["train.py"]} == {"svamp,singleeq,asdiv,gsm8k"}
         assert {",".join(a.sets) for a in evals if a.mode == "cot"} == {"svamp,singleeq"}
         assert {a.checkpoint for a in evals if a.mode == "answer"} == {"smollm2-135m", "gemma3-270m"}
+    if preset == "fig5":  # one axis at a time, the others at the paper's defaults (beta 1.0, tau1 0.1, tau2 0.5)
+        assert {(a.data, a.rationales, a.teacher, a.student, a.batch_size, a.max_steps, a.lr, a.eval_sets)
+                for a in parsed["train.py"]} == {("svamp", "teacher", reproduce.LLAMA3_8B, "gpt2-medium", 16, 4000,
+                                                  5e-5, "svamp,singleeq,asdiv")}
+        runs = {(Path(a.out).name, a.method, a.beta, a.tau1, a.tau2) for a in parsed["train.py"]}
+        points = ([(f"beta{v:g}", v, 0.1, 0.5) for v in (0.1, 0.5, 2.0, 5.0)]
+                  + [(f"tau1-{v:g}", 1.0, v, 0.5) for v in (0.3, 0.5, 0.7, 1.0)]
+                  + [(f"tau2-{v:g}", 1.0, 0.1, v) for v in (0.1, 0.3, 0.7, 1.0)])
+        assert runs == {(f"{m}-s{s}", m, b, 0.1, 0.5) for m, b in (("dss", 0.0), ("mmi", 0.1), ("molsaki", 1.0))
+                        for s in (0, 1, 2)} | {(f"molsaki-{n}-s{s}", "molsaki", b, t1, t2)
+                                               for n, b, t1, t2 in points for s in (0, 1, 2)}
+        assert "molsaki-beta0.1-s0" in {n for n, *_ in runs}  # named as the small preset's molsaki-beta10
+    if preset == "equation":  # the small grid's dss and molsaki seed 0 with DSS's labels, beside them in its setting
+        assert {(a.method, a.seed, a.answer_target, a.eval_sets) for a in parsed["train.py"]} == {
+            (m, 0, "equation", "svamp,singleeq,asdiv,gsm8k") for m in ("dss", "molsaki")}
+        small = {j["name"]: j["main"] for j in reproduce.grid(reproduce.PRESETS["small"], out)}
+        for job in reproduce.grid(spec, out):
+            if job["seed"] is None:  # the baselines are the small grid's: skipped there once it has run them
+                assert job["main"] == small[job["name"]]
+                continue
+            twin = small[job["name"].removesuffix("-eq-s0") + "-s0"]  # same setting directory, number target
+            argv = job["main"][:job["main"].index("--answer-target")] + job["main"][job["main"].index("--seed"):]
+            assert argv[:-1] == twin[:-1] and job["dir"].parent == Path(twin[-1]).parent
+        assert reproduce.parse_args(["--preset", "equation"]).out == reproduce.parse_args(["--preset", "small"]).out
 
 
 def test_seeds_override_and_job_states(tmp_path, capsys):
@@ -415,6 +439,42 @@ def test_report_of_a_synthetic_grid(tmp_path):
     m = s["methods"]["molsaki"]["svamp/answer"]
     assert f"| molsaki | 0,1,2 | {100 * m['mean']:.1f} ± {100 * m['sd']:.1f} (45.5) |" in md
     assert "abababababab"[:10] + " (changed)" in md and "2: 0.750, 1: 0.250" in md
+
+
+def test_report_pairs_equation_target_runs(tmp_path):
+    """The equation preset's runs (dss-eq, molsaki-eq) in the small grid's setting: each -eq method against dss-eq
+    (the same target) and against its own number-target method (vs_number), on the same items, seed with seed."""
+    correct = {"dss-s0": "1100110011", "molsaki-s0": "1110110011", "dss-eq-s0": "1000110001",
+               "molsaki-eq-s0": "1011110001", "dss-s1": "0110110011"}
+    for run, bits in correct.items():
+        d = tmp_path / reproduce.SMALL / run
+        d.mkdir(parents=True)
+        ids = [f"svamp-{i}" for i in range(len(bits))]
+        (d / "eval_svamp_answer.jsonl").write_text(  # lines in another order: items are matched by id
+            "".join(json.dumps({"id": i, "correct": b == "1"}) + "\n"
+                    for i, b in reversed(list(zip(ids, bits, strict=True)))))
+        (d / "log.jsonl").write_text(json.dumps({"step": 1, "sec": 1.0, "pre": 1.0}) + "\n")
+    m = reproduce.report(tmp_path)["settings"][reproduce.SMALL]["methods"]
+    col = "svamp/answer"
+
+    def diff(a, b):
+        return (correct[a].count("1") - correct[b].count("1")) / 10
+
+    assert m["molsaki-eq"][col]["vs_dss"]["dss"] == "dss-eq" and m["molsaki"][col]["vs_dss"]["dss"] == "dss"
+    assert m["molsaki-eq"][col]["vs_dss"]["diff"] == pytest.approx(diff("molsaki-eq-s0", "dss-eq-s0"))
+    assert "vs_dss" not in m["dss-eq"][col] and "vs_number" not in m["molsaki"][col]
+    for method in ("dss", "molsaki"):
+        v = m[f"{method}-eq"][col]["vs_number"]
+        assert v["method"] == method and v["pairs"] == [[0, 0]] and v["n_items"] == 10
+        assert v["diff"] == pytest.approx(diff(f"{method}-eq-s0", f"{method}-s0"))
+    # molsaki-eq 1011110001 vs molsaki 1110110011: only -eq right on item 3, only molsaki on 1 and 8
+    assert [(x["b"], x["c"]) for x in m["molsaki-eq"][col]["vs_number"]["mcnemar"]] == [(1, 2)]
+    md = (tmp_path / "results.md").read_text()
+    assert "| molsaki-eq (vs dss-eq) | svamp | 0:0 |" in md and "| molsaki-eq (vs molsaki) | svamp | 0:0 |" in md
+    assert "| dss-eq (vs dss) | svamp | 0:0 | -20.0 |" in md and "| molsaki | svamp | 0:0 |" in md
+    shutil.rmtree(tmp_path / reproduce.SMALL / "dss-eq-s0")  # no dss-eq: molsaki-eq against dss
+    m = reproduce.report(tmp_path)["settings"][reproduce.SMALL]["methods"]
+    assert m["molsaki-eq"][col]["vs_dss"]["dss"] == "dss" and m["molsaki-eq"][col]["vs_dss"]["pairs"] == [[0, 0]]
 
 
 # ---------------------------------------------------------------------------------------------

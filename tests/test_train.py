@@ -250,7 +250,7 @@ def test_two_processes_match_one(tiny_teacher_dir, tiny_student_dir, tmp_path):
         f1, f2 = flat(r1), flat(r2)
         assert f1.keys() == f2.keys()
         assert all(abs(f1[k] - f2[k]) <= 1e-5 for k in f1), (r1, r2)
-    # The sharded teacher cache holds every item, equal to the one built by a single process.
+    # The teacher cache, built by rank 0 while the other process waits, equals the one built by a single process.
     c1, c2 = torch.load(one / "teacher_cache.pt"), torch.load(two / "teacher_cache.pt")
     assert c1["items"].keys() == c2["items"].keys()
     for k, item in c1["items"].items():
@@ -410,3 +410,21 @@ def test_step_equals_one_backward_oracle(method, extra, tiny_teacher_dir, tiny_s
             assert g_new is None or g_new.abs().max() == 0
         else:
             torch.testing.assert_close(g_new, g_old, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
+def test_final_evaluation_reads_the_runs_answer_target(tiny_student_dir, tmp_path, monkeypatch):
+    """--answer-target equation: the run's final evaluation reads answers as equations, and its meta says so."""
+    real, given = train.eval_.run, []
+
+    def first_items(*args, **kwargs):  # the real evaluation, on the first 2 items
+        given.append(kwargs)
+        return real(*args, **dict(kwargs, limit=2))
+
+    monkeypatch.setattr(train.eval_, "run", first_items)
+    train.main(["--student", tiny_student_dir, "--data", "svamp", "--data-dir", str(DATA), "--method", "vanilla",
+                "--answer-target", "equation", "--max-steps", "1", "--batch-size", "2", "--eval-sets", "svamp",
+                "--eval-batch-size", "2", "--max-length", "256", "--out", str(tmp_path)])
+    assert [kwargs["answer_target"] for kwargs in given] == ["equation"]
+    meta = json.loads((tmp_path / "eval_svamp_answer.meta.json").read_text())
+    assert meta["answer_target"] == "equation" and meta["max_new_tokens"] == 64
