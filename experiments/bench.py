@@ -95,7 +95,7 @@ import problems
 import spans
 import train
 
-DEFAULTS = {  # the setting, and --quick: tiny random models
+DEFAULTS = {  # the real models at the default shape, and --quick: tiny random models
     "full": {"model": "smollm2-135m", "teacher": "gemma3-270m", "batch_size": 4, "seq_len": 512, "steps": 3,
              "warmup": 2, "rounds": 3, "lengths": "128,256,512,1024,2048", "cache_examples": 64,
              "teacher_batch_size": 8, "threads": 0, "flop_models": "random:smollm2-135m,random:gpt2-large@1x512"},

@@ -194,7 +194,7 @@ PRESETS = {
                                   "molsaki-beta10": ["--method", "molsaki", "--beta", "10"],
                                   "molsaki-beta100": ["--method", "molsaki", "--beta", "100"]})}},
 }
-# Issue 30 part 2: dss and molsaki trained on DSS's SVAMP labels (the equation), in the small grid's setting and
+# dss and molsaki trained on DSS's SVAMP labels (the equation), in the small grid's setting and
 # directory (its default --out), so that the report pairs them with the number-target runs on the same items.
 PRESETS["equation"] = {
     "settings": {SMALL: {**PRESETS["small"]["settings"][SMALL], "cot_sets": []}},
