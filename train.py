@@ -127,7 +127,7 @@ def teacher_stage(args) -> tuple[list[dict], dict | None]:
     processes then read what it wrote."""
     def load_teacher():  # --teacher-device-map auto: accelerate places the layers; the model is not moved after
         dtype = models.resolve_dtype(args.teacher_dtype, _device())
-        device_map = getattr(args, "teacher_device_map", None)
+        device_map = args.teacher_device_map
         model, tok = models.load_model(args.teacher, dtype=dtype, attn_implementation=capture.register(),
                                        device_map=device_map)
         return (model if device_map else model.to(_device())).eval(), tok
