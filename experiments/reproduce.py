@@ -15,12 +15,13 @@ Presets (`PRESETS`; real data is read from $MOLSAKI_DATA, as train.py and eval.p
             `molsaki` run): β 0.1, 0.5, 2, 5; τ1 0.3, 0.5, 0.7, 1; τ2 0.1, 0.3, 0.7, 1 (`FIG5_AXES`; the paper gives
             no axis values). Beside dss and mmi; seeds 0, 1, 2. Its paper numbers are Table 2's (dss, mmi, molsaki).
     small   a grid sized for 2 CPU cores: SVAMP with PaLM rationales, gemma3-270m attention, smollm2-135m student,
-            SMALL_STEPS steps of batch 8 at lr 1e-4 for every method; dss and molsaki seeds 0, 1, 2 (run first),
+            SMALL_STEPS steps of batch 8 at lr 1e-4 for every method; dss and molsaki seeds 0, 1, 2,
             vanilla, mmi, molsaki --layer-map last and molsaki at β = 10 and 100 seed 0; SVAMP, SingleEq, ASDiv,
             GSM8K in answer mode and SVAMP, SingleEq in cot mode too. Compared with Table 3's hybrid rows.
-    equation  dss and molsaki seed 0 with --answer-target equation (DSS's SVAMP label), named dss-eq, molsaki-eq,
-            in the small preset's setting, answer mode only; its default --out is the small grid's
-            (runs/reproduce-small), so the report pairs them with the number-target runs there.
+    equation  vanilla and mmi seed 0, dss and molsaki seeds 0, 1, 2, with --answer-target equation (DSS's SVAMP
+            label), named vanilla-eq ... molsaki-eq, in the small preset's setting, answer mode only; its default
+            --out is the small grid's (runs/reproduce-small), so the report pairs them with the number-target runs
+            there.
 
 Layout of DIR (default runs/reproduce-<preset>, equation's runs/reproduce-small): DIR/<setting>/<method>-s<seed>/
 is one run, train.py's --out (its run.json, log.jsonl, checkpoint, eval files; train.log, eval_cot.log,
@@ -194,11 +195,14 @@ PRESETS = {
                                   "molsaki-beta10": ["--method", "molsaki", "--beta", "10"],
                                   "molsaki-beta100": ["--method", "molsaki", "--beta", "100"]})}},
 }
-# dss and molsaki trained on DSS's SVAMP labels (the equation), in the small grid's setting and
-# directory (its default --out), so that the report pairs them with the number-target runs on the same items.
+# Every method trained on DSS's SVAMP labels (the equation), in the small grid's setting and directory (its
+# default --out), so that the report pairs them with the number-target runs on the same items: vanilla first (it
+# trains on the answers alone and tells what the label gives without a rationale), then mmi, dss and molsaki.
 PRESETS["equation"] = {
     "settings": {SMALL: {**PRESETS["small"]["settings"][SMALL], "cot_sets": []}},
-    "methods": _methods([0], **{m + EQ: [*_BASE[m], "--answer-target", "equation"] for m in ("dss", "molsaki")}),
+    "methods": {**_methods([0], **{m + EQ: [*_BASE[m], "--answer-target", "equation"] for m in ("vanilla", "mmi")}),
+                **_methods([0, 1, 2], **{m + EQ: [*_BASE[m], "--answer-target", "equation"]
+                                         for m in ("dss", "molsaki")})},
     "out": "runs/reproduce-small"}
 
 # The paper's accuracies (%), each the mean of three seeds, shown beside our answer-mode columns; its SingleEq
@@ -297,12 +301,11 @@ def _needs(argv):
 
 
 def grid(spec, out, seeds=None):
-    """The jobs of a grid, in the order they run: per setting its two baselines, then its runs in the spec's order
-    (the methods with the most seeds first, seed by seed, then in the spec's order; `seeds` replaces every
-    method's), each group's teacher-stage donor first. A job is a dict:
-    name (its path under `out`), dir, setting, method, seed (None for a baseline), main (train.py, or eval.py for
-    a baseline), cot (eval.py --mode cot, or None), needs (teacher-stage files), donor (the name of the run that
-    computes them first, or None)."""
+    """The jobs of a grid, in the order they run: per setting its two baselines, then its runs seed by seed, each
+    seed's in the spec's order (`seeds` replaces every method's), each group's teacher-stage donor first. A job is
+    a dict: name (its path under `out`), dir, setting, method, seed (None for a baseline), main (train.py, or
+    eval.py for a baseline), cot (eval.py --mode cot, or None), needs (teacher-stage files), donor (the name of the
+    run that computes them first, or None)."""
     out = Path(out)
     py, train_py, eval_py = sys.executable, os.path.relpath(ROOT / "train.py"), os.path.relpath(ROOT / "eval.py")
     jobs = []
@@ -331,10 +334,9 @@ def grid(spec, out, seeds=None):
         for run in runs:
             donor = donors.get(run.pop("key"))
             run["donor"] = donor["name"] if run["needs"] and donor is not run else None
-        # seed by seed, so that a grid stopped early holds whole seeds; the methods with the most seeds first
+        # seed by seed in the spec's order, so that a grid stopped early holds whole seeds of every method
         order = {label: i for i, label in enumerate(spec["methods"])}
-        runs.sort(key=lambda r: (-len(spec["methods"][r["method"]]["seeds"]) if seeds is None else 0, r["seed"],
-                                 order[r["method"]]))
+        runs.sort(key=lambda r: (r["seed"], order[r["method"]]))
         jobs += sorted(runs, key=lambda r: not (r["needs"] and r["donor"] is None))
     return jobs
 

@@ -95,7 +95,7 @@ def test_paired_bootstrap_cases():
 # ---------------------------------------------------------------------------------------------
 # 2. Presets: every dry-run command parses; the dry run writes nothing.
 
-RUNS = {"table1": 48, "table2": 39, "table3": 9, "fig5": 45, "small": 11, "equation": 2}
+RUNS = {"table1": 48, "table2": 39, "table3": 9, "fig5": 45, "small": 11, "equation": 8}
 
 
 @pytest.mark.parametrize("preset", sorted(reproduce.PRESETS))
@@ -145,13 +145,17 @@ def test_dry_run_commands_parse(preset, tmp_path, capsys):
         assert "molsaki-beta0.1-s0" in {n for n, *_ in runs}  # named as the small preset's molsaki-beta10
     if preset == "equation":  # the small grid's dss and molsaki seed 0 with DSS's labels, beside them in its setting
         assert {(a.method, a.seed, a.answer_target, a.eval_sets) for a in parsed["train.py"]} == {
-            (m, 0, "equation", "svamp,singleeq,asdiv,gsm8k") for m in ("dss", "molsaki")}
+            (m, s, "equation", "svamp,singleeq,asdiv,gsm8k") for m in ("vanilla", "mmi", "dss", "molsaki")
+            for s in ((0, 1, 2) if m in ("dss", "molsaki") else (0,))}
+        assert [j["name"].split("/")[1] for j in reproduce.grid(spec, out)] == [  # vanilla first: the label alone
+            "untrained-student", "teacher", "molsaki-eq-s0", "vanilla-eq-s0", "mmi-eq-s0", "dss-eq-s0",
+            "dss-eq-s1", "molsaki-eq-s1", "dss-eq-s2", "molsaki-eq-s2"]
         small = {j["name"]: j["main"] for j in reproduce.grid(reproduce.PRESETS["small"], out)}
         for job in reproduce.grid(spec, out):
             if job["seed"] is None:  # the baselines are the small grid's: skipped there once it has run them
                 assert job["main"] == small[job["name"]]
                 continue
-            twin = small[job["name"].removesuffix("-eq-s0") + "-s0"]  # same setting directory, number target
+            twin = small[job["name"].replace("-eq-s", "-s")]  # same setting directory, number target
             argv = job["main"][:job["main"].index("--answer-target")] + job["main"][job["main"].index("--seed"):]
             assert argv[:-1] == twin[:-1] and job["dir"].parent == Path(twin[-1]).parent
         assert reproduce.parse_args(["--preset", "equation"]).out == reproduce.parse_args(["--preset", "small"]).out
@@ -185,11 +189,11 @@ def test_seeds_override_and_job_states(tmp_path, capsys):
 
 
 def test_grid_runs_seed_by_seed(tmp_path):
-    """Stopped early, the small grid holds whole seeds of dss and molsaki, their donor first, then the rest."""
+    """Stopped early, the small grid holds whole seeds of every method, the teacher-stage donor first."""
     names = [j["name"].split("/")[1] for j in reproduce.grid(reproduce.PRESETS["small"], tmp_path)]
-    assert names == ["untrained-student", "teacher", "molsaki-s0", "dss-s0", "dss-s1", "molsaki-s1", "dss-s2",
-                     "molsaki-s2", "vanilla-s0", "mmi-s0", "molsaki-sl-last-s0",
-                     "molsaki-beta10-s0", "molsaki-beta100-s0"]
+    assert names == ["untrained-student", "teacher", "molsaki-s0", "dss-s0", "vanilla-s0", "mmi-s0",
+                     "molsaki-sl-last-s0", "molsaki-beta10-s0", "molsaki-beta100-s0", "dss-s1", "molsaki-s1",
+                     "dss-s2", "molsaki-s2"]
 
 
 # ---------------------------------------------------------------------------------------------
