@@ -13,7 +13,7 @@ The files the loaders read, their sources and their download are fetch.py's: a l
   `cut_rationale(output, record)`: (r, statement, the answer it states) of one teacher output; `task_of(record)`:
   "math" or "csqa"; `cot_prompt(record, with_gold)`, `keyword_prompt(question, rationale)`: the teacher's
   few-shot prompts; `parse_keywords(output)`: its keywords.
-- `safe_eval(expr)`: the value of an arithmetic expression (numbers, + - * /, parentheses, unary minus).
+- `answers.safe_eval(expr)`: the value of an arithmetic expression (numbers, + - * /, parentheses, unary minus).
   Gold numbers are written by `answers.format_number` ("42", "0.5", "0.666667"): one read from text is kept exactly
   ("12345678901234567890"), a float (an evaluated equation) is taken at its binary value.
 - `teacher_rationales(teacher, records, path)`: dual-phase few-shot CoT (paper §3.1), resumable JSONL.
@@ -21,10 +21,10 @@ The files the loaders read, their sources and their download are fetch.py's: a l
   gives (model, tokenizer); it is called only when something is left to generate.
 - `build_attention_cache(model, tok, examples, meta)`: `A_t [L1, S, W]` per example, from one no-grad
   teacher pass through `capture.capture`; `load_attention_cache(path, meta)` refuses a mismatched cache;
-  `texts_hash(examples)` is the cache's fingerprint of the texts; `save_atomic(obj, path)` writes it whole.
-- `load_torch(path, fix)`: a torch file of tensors, dicts, lists, numbers and strings (`weights_only`: no code in
+  `texts_hash(examples)` is the cache's fingerprint of the texts; `files.save_atomic(obj, path)` writes it whole.
+- `files.load_torch(path, fix)`: a torch file of tensors, dicts, lists, numbers and strings (`weights_only`: no code in
   it runs), on the CPU; any failure is a one-line ValueError ending with `fix`.
-- `read_appended(path)`: the rows of a JSONL file written row by row (the teacher's files, a run's step log); a
+- `files.read_appended(path)`: the rows of a JSONL file written row by row (the teacher's files, a run's step log); a
   last line cut by a hard kill is dropped from the file.
 - What train.py reads, as its flags say: `training_examples(args, teacher)` (the examples with their rationales),
   `teacher_cache(args, examples, teacher)` (built or reused), `features(args, examples, tok, cache, n_layers)`
@@ -50,10 +50,8 @@ Choices the paper leaves open (docs/design.md has them all):
   L_pre alone.
 """
 
-import ast
 import hashlib
 import json
-import os
 import re
 import xml.etree.ElementTree as ET
 from decimal import Decimal
@@ -62,13 +60,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import answers
 import capture
-import fetch
-import models
 import mol
-import problems
 import spans
+from plumbing import answers, fetch, files, models, problems
 
 PRE_PROMPT = "Question: {question}\nAnswer:"
 EXP_PROMPT = "Question: {question}\nRationale:"
@@ -76,25 +71,6 @@ SPLITS = {"svamp": ("train", "test"), "gsm8k": ("train", "test"), "asdiv": ("tes
           "singleeq": ("test",), "csqa": ("train", "test")}
 LETTERS = "abcde"
 _PALM_FILES = {("svamp", "train"): 2, ("svamp", "test"): 1, ("csqa", "train"): 10, ("csqa", "test"): 2}
-_OPS = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__, ast.Div: float.__truediv__}
-
-
-def safe_eval(expr: str) -> float:
-    """Value of `expr` built from numbers, + - * /, parentheses and unary minus; walks the AST, never eval."""
-
-    def walk(node):
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -walk(node.operand)
-        raise ValueError(f"not allowed in an arithmetic expression: {ast.dump(node)[:60]}")
-
-    try:
-        return walk(ast.parse(expr.strip(), mode="eval").body)
-    except (SyntaxError, ZeroDivisionError, OverflowError) as e:
-        raise ValueError(f"cannot evaluate {expr!r}: {e}") from None
 
 
 def _number(value) -> Decimal:  # a gold number from text ("1,200") or JSON (a number), exactly
@@ -108,27 +84,6 @@ def _text(value) -> str:  # non-empty text, stripped
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected non-empty text, got {value!r}")
     return value.strip()
-
-
-def _json(text: str, where: str):  # json.loads; invalid or too deeply nested JSON -> ValueError naming `where`
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise ValueError(f"{where}: JSON nested too deeply to read") from None
-
-
-def _jsonl(path: Path) -> list[tuple[str, dict]]:  # (location, object) of each non-blank line
-    with open(path, encoding="utf-8") as f:
-        return [(f"{path}, line {n}", _json(line, f"{path}, line {n}")) for n, line in enumerate(f, 1) if line.strip()]
-
-
-def _json_array(path: Path) -> list[tuple[str, object]]:  # (location, item) of each item
-    data = _json(path.read_text(encoding="utf-8"), str(path))
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array")
-    return [(f"{path}, item {i}", x) for i, x in enumerate(data)]
 
 
 def _convert(rows, make) -> list:  # make(i, row) per row; a bad field -> ValueError naming where
@@ -146,9 +101,9 @@ def _svamp(root: Path, split: str, equations: bool = False) -> list[dict]:
     # `equations` each record also keeps the label as it stands in the file: "equation", DSS's answer-task target.
     path = f"svamp/distilling_step_by_step/svamp_{split}.json"
     fetch.ensure_files(root, [path])
-    rows = _jsonl(root / path)
+    rows = files.read_jsonl(root / path)
     return _convert(rows, lambda i, r: {"id": f"svamp-{split}-{i}", "question": _text(r["input"]),
-                                        "answer": answers.format_number(safe_eval(r["label"])),
+                                        "answer": answers.format_number(answers.safe_eval(r["label"])),
                                         **({"equation": r["label"]} if equations else {})})
 
 
@@ -161,7 +116,7 @@ def _gsm8k(root: Path, split: str) -> list[dict]:
                 "answer": answers.format_number(_number(number))}
 
     fetch.ensure_files(root, [f"gsm8k/{split}.jsonl"])
-    return _convert(_jsonl(root / "gsm8k" / f"{split}.jsonl"), make)
+    return _convert(files.read_jsonl(root / "gsm8k" / f"{split}.jsonl"), make)
 
 
 def _asdiv(root: Path, split: str) -> list[dict]:
@@ -185,7 +140,7 @@ def _asdiv(root: Path, split: str) -> list[dict]:
 
 def _singleeq(root: Path, split: str) -> list[dict]:
     fetch.ensure_files(root, ["singleeq/questions.json"])
-    rows = _json_array(root / "singleeq" / "questions.json")
+    rows = files.read_json_array(root / "singleeq" / "questions.json")
     return _convert(rows, lambda i, r: {"id": f"singleeq-{r['iIndex']}", "question": _text(r["sQuestion"]),
                                         "answer": answers.format_number(_number(r["lSolutions"][0]))})
 
@@ -203,7 +158,7 @@ def _csqa(root: Path, split: str) -> list[dict]:
 
     path = f"commonsenseqa/official/{'train' if split == 'train' else 'dev'}_rand_split.jsonl"
     fetch.ensure_files(root, [path])
-    return _convert(_jsonl(root / path), make)
+    return _convert(files.read_jsonl(root / path), make)
 
 
 _LOADERS = {"svamp": _svamp, "gsm8k": _gsm8k, "asdiv": _asdiv, "singleeq": _singleeq, "csqa": _csqa}
@@ -257,7 +212,7 @@ def load_file(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read it ({e})") from None
-    rows = _json_array(path) if text.lstrip().startswith("[") else _jsonl(path)
+    rows = files.read_json_array(path) if text.lstrip().startswith("[") else files.read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: no records")
     records = _convert(rows, lambda i, r: _file_record(path.stem, i, r))
@@ -280,13 +235,13 @@ def load_palm_rationales(name: str, split: str, data_dir: str | Path | None, kee
     root = fetch.resolve_data_dir(data_dir)
     records = load_dataset(name, split, root)
     folder = ("svamp" if name == "svamp" else "commonsenseqa") + "/distilling_step_by_step"
-    files = [f"{folder}/llm/{split}_CoT_{i}.json" for i in range(_PALM_FILES[name, split])]
+    paths = [f"{folder}/llm/{split}_CoT_{i}.json" for i in range(_PALM_FILES[name, split])]
     order = f"{folder}/cqa_{split}.json"  # csqa: the ids in DSS's order, which PaLM's outputs follow
-    fetch.ensure_files(root, files + [order] if name == "csqa" else files)
-    outputs = [row for path in files for row in _json_array(root / path)]
+    fetch.ensure_files(root, paths + [order] if name == "csqa" else paths)
+    outputs = [row for path in paths for row in files.read_json_array(root / path)]
     ids = [r["id"] for r in records]  # svamp: PaLM follows the file order; csqa: DSS's, not the official one
     if name == "csqa":
-        ids = [x["id"] for _, x in _jsonl(root / order)]
+        ids = [x["id"] for _, x in files.read_jsonl(root / order)]
     if len(ids) != len(outputs) or set(ids) != {r["id"] for r in records}:
         raise ValueError(f"{root / folder}: {len(outputs)} PaLM outputs do not match the {len(records)} records")
     by_id = dict(zip(ids, outputs, strict=True))
@@ -302,7 +257,7 @@ def load_palm_rationales(name: str, split: str, data_dir: str | Path | None, kee
             continue
         if name == "svamp":
             try:
-                value = safe_eval(answer.removesuffix("."))
+                value = answers.safe_eval(answer.removesuffix("."))
             except ValueError:
                 value = None
             teacher = None if value is None else answers.format_number(value)
@@ -385,17 +340,6 @@ def cut_rationale(output: str, record: dict) -> tuple[str, str, object]:
     return rationale, statement, answers.parse_math(statement, "cot")
 
 
-def read_appended(path: Path) -> list[dict]:
-    """Rows of a JSONL file written line by line; a last line cut by a hard kill is dropped from the file."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        path.write_text(text, encoding="utf-8")
-    return [row for _, row in _jsonl(path)]
-
-
 def teacher_rationales(teacher, records: list[dict], path, batch_size: int = 8,
                        max_new_tokens: int = 128, chunk: int = 64) -> list[dict]:
     """Dual-phase CoT (paper §3.1) with every attempt appended to the JSONL `path` as it is made, so that a
@@ -405,7 +349,7 @@ def teacher_rationales(teacher, records: list[dict], path, batch_size: int = 8,
     order."""
     path = Path(path)
     attempts = {}  # id -> {phase: attempt}
-    for row in read_appended(path):
+    for row in files.read_appended(path):
         if "statement" not in row:
             raise ValueError(f"{path} holds rationales written before they were cut before their answer "
                              "statement; delete it or choose another --out")
@@ -444,7 +388,7 @@ def teacher_keywords(teacher, examples: list[dict], path, batch_size: int = 8) -
     """CSQA: the teacher's keywords for each example id (paper App. B.2), kept in the JSONL `path`; `teacher()` gives
     (model, tokenizer), called only when an example has none yet."""
     path = Path(path)
-    done = {row["id"]: row["keywords"] for row in read_appended(path)}
+    done = {row["id"]: row["keywords"] for row in files.read_appended(path)}
     todo = [e for e in examples if e["id"] not in done]
     if todo:
         prompts = [keyword_prompt(e["question"], e["rationale"]) for e in todo]
@@ -506,41 +450,14 @@ def build_attention_cache(model, tokenizer, examples: list[dict], meta: dict, ma
     return {"meta": meta, "items": items}
 
 
-def load_torch(path, fix: str):
-    """torch.load of `path` on the CPU with weights_only (tensors, dicts, lists, numbers, strings: no code in the
-    file runs); any failure (truncated, not a torch file, code in it) is one line, "<path> cannot be read
-    (<reason>); <fix>"."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # whatever torch, pickle or zip raise on a bad file
-        raise ValueError(f"{path} cannot be read ({_load_reason(e)}); {fix}") from None
-
-
-def _load_reason(e: Exception) -> str:  # torch.load's error in a few words
-    code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-    if code:
-        return f"it holds code ({code.group(1)}), which is never run"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    first = str(e).strip().split("\n")[0].split(". ")[0][:120]
-    return f"not a complete torch file: {first}" if first else "not a complete torch file"
-
-
 def load_attention_cache(path, meta: dict) -> dict:
     """The cache at `path`; a cache built for another run (teacher, prompt, texts, ...) or unreadable is an error."""
-    cache = load_torch(path, "delete it (it is built again) or choose another --out")
+    cache = files.load_torch(path, "delete it (it is built again) or choose another --out")
     diff = sorted(k for k in set(meta) | set(cache["meta"]) if meta.get(k) != cache["meta"].get(k))
     if diff:
         raise ValueError(f"{path} was built for another run (differs in: {', '.join(diff)}); "
                          "delete it or choose another --out")
     return cache
-
-
-def save_atomic(obj, path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    tmp = Path(f"{path}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +515,7 @@ def teacher_cache(args, examples: list[dict], teacher) -> dict:
         print(f"[train] reusing teacher attention cache {path}")
         return load_attention_cache(path, meta)
     cache = build_attention_cache(*teacher(), examples, meta, args.max_length, args.teacher_batch_size)
-    save_atomic(cache, path)
+    files.save_atomic(cache, path)
     return cache
 
 

@@ -15,7 +15,7 @@ Answers are read by answers.py (parse_math, parse_choice, is_correct). Public fu
     evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens, name, answer_target)
                                               -> (accuracy, items)
     parse_equation(text) -> float | None      the value of the output's first line, stripped, as an arithmetic
-                                              expression (data.safe_eval: numbers, + - * /, parentheses, unary
+                                              expression (answers.safe_eval: numbers, + - * /, parentheses, unary
                                               minus; never eval), or None when it is not one ("45 *", "1,200").
     load_set(name, data_dir) -> records       a test set by name (`cli.TEST_SETS`) or a file of problems
                                               (`data.FILE_FORMATS`); `cli.set_label(name)` names its results.
@@ -41,13 +41,10 @@ from pathlib import Path
 
 import torch
 
-import cli
 import data
-import fetch
-import models
-import problems
-from answers import TARGETS, check_mode, check_target, is_correct, parse_choice, parse_math
-from models import generate, load_model
+from plumbing import answers, cli, fetch, models, problems
+from plumbing.answers import TARGETS, check_mode, check_target, is_correct, parse_choice, parse_math
+from plumbing.models import generate, load_model
 
 NEW_TOKENS = {"answer": 16, "cot": 128}  # per mode (answers.MODES), answer target number
 EQUATION_TOKENS = 64  # answer mode, answer target equation: DSS's generation_max_length (its --gen_max_len)
@@ -64,9 +61,9 @@ def _new_tokens(mode: str, answer_target: str) -> int:
 
 def parse_equation(text: str) -> float | None:
     """The value of `text` as DSS reads an equation: its first line (up to the first newline), stripped, evaluated
-    as an arithmetic expression by data.safe_eval (an AST walk, never eval); None when it is not one."""
+    as an arithmetic expression by answers.safe_eval (an AST walk, never eval); None when it is not one."""
     try:
-        return data.safe_eval(text.split("\n", 1)[0])
+        return answers.safe_eval(text.split("\n", 1)[0])
     except ValueError:
         return None
 

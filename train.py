@@ -32,15 +32,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import capture
-import cli
 import data
 import eval as eval_
-import fetch
-import flags
 import losses
-import models
 import mol
-import rundir
+from plumbing import cli, fetch, flags, models, rundir
 
 
 class Student(torch.nn.Module):

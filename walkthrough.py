@@ -35,15 +35,12 @@ import contextlib
 import torch
 
 import capture
-import cli
 import data
-import fetch
-import flags
 import losses
-import models
 import mol
 import spans
 import train
+from plumbing import cli, fetch, flags, models
 
 ROWS, COLS, PER_LINE = 8, 10, 10  # table size shown; layers (or steps) per line of a per-layer row
 

@@ -21,8 +21,8 @@ from transformers import Trainer, TrainingArguments
 import capture
 import data
 import losses
-import models
 import mol
+from plumbing import models
 
 
 class StudentWithRouter(torch.nn.Module):

@@ -88,12 +88,10 @@ from transformers import (
 import attention
 import capture
 import data
-import flags
-import models
 import mol
-import problems
 import spans
 import train
+from plumbing import flags, models, problems
 
 DEFAULTS = {  # the real models at the default shape, and --quick: tiny random models
     "full": {"model": "smollm2-135m", "teacher": "gemma3-270m", "batch_size": 4, "seq_len": 512, "steps": 3,

@@ -7,7 +7,7 @@ and the student's A_s before/after of one example, steps x critical words, Eq. 6
 teacher_layers (Fig. 13), column_gradient (Fig. 4: Eq. 4 G per teacher layer over the training set),
 layer_weights (Fig. 6, 8: p_t of Eq. 4, p_s of Eq. 5), router_over_steps (logged p_s, p_t per step),
 numeric_share (Fig. 1b, App. B.1), losses (every loss component of log.jsonl). The run's .pt files are read by
-data.load_torch (no code in them runs); one that cannot be read, or a run that is not molsaki's, is one line,
+files.load_torch (no code in them runs); one that cannot be read, or a run that is not molsaki's, is one line,
 `error: ...`, exit status 2.
 
 Public functions: `run_argv`, `load_run`, `example_view`, `student_stepwise`, `student_weights`,
@@ -39,13 +39,11 @@ from pathlib import Path
 import torch
 
 import capture
-import cli
 import data
-import flags
 import losses
-import models
 import mol
 import spans
+from plumbing import cli, files, flags, models
 
 
 def _pyplot():
@@ -72,12 +70,12 @@ def run_argv(saved: dict, run_dir, data_dir=None) -> list[str]:
 def load_run(run_dir, data_dir=None):
     """(args, trainer state, training examples, teacher cache, log rows) of a molsaki run directory."""
     run_dir = Path(run_dir)
-    state = data.load_torch(run_dir / "checkpoint" / "trainer_state.pt",
+    state = files.load_torch(run_dir / "checkpoint" / "trainer_state.pt",
                             "pass the --out folder of a train.py run that saved a checkpoint")
     args = flags.parse_args(run_argv(state["args"], run_dir, data_dir))
     if args.method != "molsaki" or not (run_dir / "teacher_cache.pt").exists():
         raise ValueError(f"{run_dir}: the figures need a molsaki run with teacher_cache.pt (method {args.method})")
-    cache = data.load_torch(run_dir / "teacher_cache.pt", "delete it: train.py with the run's flags builds it again")
+    cache = files.load_torch(run_dir / "teacher_cache.pt", "delete it: train.py with the run's flags builds it again")
     rows = [json.loads(line) for line in open(run_dir / "log.jsonl")]
     return args, state, data.training_examples(args, functools.cache(lambda: _teacher(args))), cache, rows
 

@@ -71,7 +71,7 @@ the command line, `GridError` from `report`; nothing is written then):
   nothing yet). At the end of a grid, this prints `no report` instead, and the grid's exit status stands.
 - run.json that is not JSON: an error naming it (mend or delete it; train.py writes it anew when the run resumes).
 - log.jsonl and reproduce.log.jsonl are appended line by line, so a last line without its newline was cut by a
-  kill: it is dropped, as data.py's `read_appended` drops it. A line that is not JSON anywhere else, or in an
+  kill: it is dropped, as plumbing/files.py's `read_appended` drops it. A line that is not JSON anywhere else, or in an
   eval_<set>_<mode>.jsonl (written whole, then renamed), is an error naming the file and line.
 - An empty eval_<set>_<mode>.jsonl: a warning naming it, and the run has no result for that set and mode.
 
@@ -103,7 +103,7 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
+from plumbing import cli
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py and eval.py
 SMALL_STEPS = 100  # one epoch of SVAMP train (800 items) at batch 8

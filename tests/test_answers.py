@@ -1,7 +1,7 @@
 """Tests for answers.py beyond float precision: integers are read and compared exactly (Python's int is the
 oracle), while answers with decimals keep the 1e-4 tolerance."""
 
-from answers import format_number, is_correct, parse_math
+from plumbing.answers import format_number, is_correct, parse_math
 
 BIG = 12345678901234567890  # float(BIG) == 12345678901234567168.0
 

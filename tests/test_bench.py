@@ -18,10 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import capture
 import data
-import flags
 import mol
 import train
 from experiments import bench
+from plumbing import flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

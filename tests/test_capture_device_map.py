@@ -16,10 +16,8 @@ import torch
 
 import capture
 import data
-import flags
-import models
-import problems
 import train
+from plumbing import flags, models, problems
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA variant proves the moves")
 META = {"delimiters": ".", "teacher": "tiny"}

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 import eval as eval_
-import flags
-import models
 import train
+from plumbing import flags, models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +148,7 @@ def test_processes_print_one_line(tmp_path, tiny_student_dir):
                         MOLSAKI_DATA_URL=f"http://127.0.0.1:{_dead_port()}")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: data file svamp/distilling_step_by_step/") and f"is missing from {empty}" in err
-    assert "python fetch.py svamp" in err and "--data-dir" in err
+    assert "python -m plumbing.fetch svamp" in err and "--data-dir" in err
 
 
 def test_train_data_missing_and_not_fetchable(capsys, no_model_loads, tiny_student_dir, tmp_path, monkeypatch):
@@ -159,7 +158,7 @@ def test_train_data_missing_and_not_fetchable(capsys, no_model_loads, tiny_stude
     monkeypatch.setenv("MOLSAKI_DATA_URL", f"http://127.0.0.1:{_dead_port()}")
     one_line_error(capsys, train.main, ["--data", "svamp", "--rationales", "palm", "--method", "dss", "--student",
                                         tiny_student_dir, "--data-dir", str(empty), "--out", str(tmp_path / "run")],
-                   "python fetch.py svamp --data-dir")
+                   "python -m plumbing.fetch svamp --data-dir")
     assert not any(p.is_file() for p in empty.rglob("*"))  # nothing half-written
 
 

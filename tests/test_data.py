@@ -14,17 +14,15 @@ import pytest
 from tiny_tokenizers import bytelevel_tokenizer
 
 import data
-import fetch
-import flags
-from answers import format_number
 from data import (
     EXP_PROMPT,
     PRE_PROMPT,
     load_dataset,
     load_file,
     load_palm_rationales,
-    safe_eval,
 )
+from plumbing import fetch, flags
+from plumbing.answers import format_number, safe_eval
 
 DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")

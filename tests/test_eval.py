@@ -12,10 +12,10 @@ import torch
 from tiny_tokenizers import bytelevel_tokenizer, metaspace_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-import answers
 import data
 import eval as ev
-from models import generate
+from plumbing import answers
+from plumbing.models import generate
 
 DATA = Path(os.environ.get("MOLSAKI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import fetch
 from data import SPLITS, load_dataset, load_palm_rationales
-from fetch import DATASETS, FILES, DataUnavailable, ensure_files, files_of, resolve_data_dir
+from plumbing import fetch
+from plumbing.fetch import DATASETS, FILES, DataUnavailable, ensure_files, files_of, resolve_data_dir
 
 DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
@@ -177,7 +177,7 @@ def test_fault_leaves_nothing_half_written_then_a_fetch_completes(fault, name, s
     if fault == "wrong bytes":
         assert FILES[bad].sha256 in message and hashlib.sha256(b"[]\n").hexdigest() in message
     else:
-        assert f"`python fetch.py {name} --data-dir {root}`" in message
+        assert f"`python -m plumbing.fetch {name} --data-dir {root}`" in message
         assert {"404": "HTTP 404", "cut": "closed after", "dead port": "refused"}[fault] in message
     assert listing(root) == []  # no file, no temporary file
 
@@ -238,13 +238,13 @@ def test_loader_refuses_a_changed_file_and_the_command_it_names_restores_it(name
     with pytest.raises(DataUnavailable) as err:
         read(root)
     message = str(err.value)
-    command = f"python fetch.py {name} --data-dir {root}"
+    command = f"python -m plumbing.fetch {name} --data-dir {root}"
     assert "\n" not in message and str(root / path) in message and f"`{command}`" in message
     assert sha256(root / path) in message and FILES[path].sha256 in message
     assert (root / path).read_bytes() == changed and server.requests == []  # refused as it is, nothing fetched
 
     server.files = sources(files_of(name))
-    fetch.main(command.split()[2:])  # the command of the message
+    fetch.main(command.split()[3:])  # the command of the message
     assert "another SHA-256: fetching it again" in capsys.readouterr().out
     assert sha256(root / path) == FILES[path].sha256 and len(read(root)) == count
 
@@ -256,7 +256,7 @@ def test_loader_without_network_raises_one_line(root, monkeypatch):
         load_dataset("gsm8k", "test", None)
     message = str(err.value)
     assert isinstance(err.value, RuntimeError) and "\n" not in message
-    assert "gsm8k/test.jsonl" in message and "`python fetch.py gsm8k`" in message
+    assert "gsm8k/test.jsonl" in message and "`python -m plumbing.fetch gsm8k`" in message
     assert "--data-dir" in message and "MOLSAKI_DATA" in message and "offline copy" in message
     assert listing(root) == []
 

@@ -9,7 +9,7 @@ import torch
 from tiny_tokenizers import bytelevel_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import models
+from plumbing import models
 
 
 def save_tiny(folder, pad=True):

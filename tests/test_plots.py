@@ -14,12 +14,10 @@ import torch
 mpimg = pytest.importorskip("matplotlib.image")
 
 import capture  # noqa: E402
-import flags  # noqa: E402
-import models  # noqa: E402
-import problems  # noqa: E402
 import spans  # noqa: E402
 import train  # noqa: E402
 from experiments import plots  # noqa: E402
+from plumbing import flags, models, problems  # noqa: E402
 
 FIGURES = ["heatmap", "teacher_layers", "column_gradient", "layer_weights", "router_over_steps", "numeric_share",
            "losses"]

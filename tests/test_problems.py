@@ -1,4 +1,4 @@
-"""Tests for problems.py: every rationale is re-derived from its equations with data.safe_eval, each operand
+"""Tests for problems.py: every rationale is re-derived from its equations with answers.safe_eval, each operand
 traced to the question or an earlier step, and the set's properties (determinism, variety) checked."""
 
 import collections
@@ -6,9 +6,8 @@ import re
 
 import pytest
 
-from answers import format_number
-from data import safe_eval
-from problems import make_problems
+from plumbing.answers import format_number, safe_eval
+from plumbing.problems import make_problems
 
 NUM = r"\d+(?:\.\d+)?"
 EQUATION = re.compile(rf"({NUM}) ([-+*/]) ({NUM}) = ({NUM})")

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 import eval as eval_
-import fetch
-import flags
 import walkthrough
 from examples import hf_trainer
 from experiments import bench, plots, reproduce
+from plumbing import fetch, flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "experiments").glob("*.md"))]
@@ -24,7 +23,7 @@ README = "\n".join(p.read_text() for p in PAGES)  # the manual: the README and i
 USAGE = (ROOT / "docs" / "usage.md").read_text()
 PARSERS = {"train.py": flags.parse_args, "eval.py": eval_.parse_args, "experiments.plots": plots.parse_args,
            "experiments.bench": bench.parse_args, "experiments.reproduce": reproduce.parse_args,
-           "walkthrough.py": walkthrough.parse_args, "fetch.py": fetch.parse_args,
+           "walkthrough.py": walkthrough.parse_args, "plumbing.fetch": fetch.parse_args,
            "examples.hf_trainer": hf_trainer.parse_args}
 
 

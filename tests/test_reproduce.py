@@ -24,10 +24,8 @@ import pytest
 import torch
 
 import eval as eval_
-import fetch
-import flags
-import rundir
 from experiments import reproduce
+from plumbing import fetch, flags, rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 Z = 1.96

@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 
 import data
 import eval as eval_
-import rundir
 import train
+from plumbing import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,7 +176,7 @@ def test_signal_in_teacher_stage_and_in_evaluation(tiny_teacher_dir, tiny_studen
 def test_second_process_on_one_out_is_refused_and_a_stale_lock_taken_over(tiny_teacher_dir, tiny_student_dir,
                                                                            tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, rundir\nwith rundir.lock(sys.argv[1]):\n"
+        [sys.executable, "-c", "import sys, time\nfrom plumbing import rundir\nwith rundir.lock(sys.argv[1]):\n"
          "    print('held', flush=True)\n    time.sleep(120)", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -9,9 +9,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, tra
 from transformers import PreTrainedTokenizerFast
 
 import data
-import flags
-import problems
 import spans
+from plumbing import files, flags, problems
 
 PROMPT = "Question: {question}\nRationale:"
 TOKENIZERS = [bytelevel_tokenizer, metaspace_tokenizer]
@@ -573,6 +572,6 @@ def test_teacher_cache_built_with_untiled_steps_is_refused(tmp_path, monkeypatch
     data.teacher_cache(args, examples, lambda: (None, None))
     assert built and built[0]["steps"] == "tiled"
     old = {k: v for k, v in built[0].items() if k != "steps"}  # a cache from before the steps tiled the text
-    data.save_atomic({"meta": old, "items": {}}, tmp_path / "teacher_cache.pt")
+    files.save_atomic({"meta": old, "items": {}}, tmp_path / "teacher_cache.pt")
     with pytest.raises(ValueError, match=r"differs in: steps\)"):
         data.teacher_cache(args, examples, lambda: (None, None))

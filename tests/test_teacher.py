@@ -16,9 +16,6 @@ import torch
 import attention
 import capture
 import data
-import flags
-import models
-import problems
 import spans
 import train
 from data import (
@@ -31,10 +28,11 @@ from data import (
     keyword_prompt,
     load_attention_cache,
     parse_keywords,
-    save_atomic,
     teacher_rationales,
     texts_hash,
 )
+from plumbing import answers, files, flags, models, problems
+from plumbing.files import save_atomic
 
 DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 MEAL = {"id": "m", "question": "Ann has 3 bags with 4 pens each. How many pens?", "answer": "12"}
@@ -75,7 +73,7 @@ def test_shots_are_right():
     back, CSQA answers name the right choice and every keyword occurs in its rationale."""
     for q, r, a in MATH_SHOTS:
         for lhs, rhs in re.findall(r"([\d.]+ [-+*/] [\d.]+) = ([\d.]+)", r):
-            assert data.safe_eval(lhs) == pytest.approx(float(rhs))
+            assert answers.safe_eval(lhs) == pytest.approx(float(rhs))
         assert cut_rationale(r, {"question": q, "answer": a}) == (*data.split_answer(r), float(a))
     for q, r, a, keywords in CSQA_SHOTS:
         choices = re.findall(r"\([a-e]\) ([^(]+?)(?= \(|$)", q.split("Answer Choices: ")[1])
@@ -489,7 +487,7 @@ def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, mon
                                                                 strict=True)]
     assert all(b["rationale"].startswith(e["rationale"] + " The answer is ") for b, e in zip(before, examples,
                                                                                              strict=True))
-    data.save_atomic(dict(cache, meta=dict(cache["meta"], texts=texts_hash(before))), tmp_path / "teacher_cache.pt")
+    files.save_atomic(dict(cache, meta=dict(cache["meta"], texts=texts_hash(before))), tmp_path / "teacher_cache.pt")
     with pytest.raises(ValueError, match="differs in: texts"):
         data.teacher_cache(args, examples, _no_teacher)
     capsys.readouterr()

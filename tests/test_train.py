@@ -19,12 +19,10 @@ from safetensors.torch import load_file
 
 import capture
 import data
-import flags
 import losses
-import models
 import mol
-import problems
 import train
+from plumbing import flags, models, problems
 
 ROOT = Path(__file__).resolve().parents[1]
 

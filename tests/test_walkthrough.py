@@ -14,14 +14,12 @@ import torch
 import attention
 import capture
 import data
-import flags
 import losses
-import models
 import mol
-import problems
 import spans
 import train
 import walkthrough
+from plumbing import flags, models, problems
 
 TOL = 6e-5  # 4 decimals printed: half a unit of the last digit, plus float noise
 DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -5,7 +5,7 @@ them (so neither imports the other). The paper does not say how it reads answers
 "Evaluation"). Two modes: `answer`, the output of the answer task; `cot`, a rationale that ends with its answer
 statement. Two answer targets (`TARGETS`) say what the answer task writes: `number`, the gold number (Eq. 1 with
 a = the gold answer, read by `parse_math`); `equation`, an arithmetic expression whose value is the answer (DSS's
-SVAMP labels, "( 45.0 * 10.0 )"), evaluated by eval.parse_equation with data.safe_eval.
+SVAMP labels, "( 45.0 * 10.0 )"), evaluated by eval.parse_equation with `safe_eval`.
 
 Public functions:
     parse_math(text, mode) -> int | float | None   thousands commas removed; answer mode: the first number;
@@ -23,6 +23,7 @@ Public functions:
                                               decimals, half to even); ints and Decimals exactly.
 """
 
+import ast
 import math
 import re
 from decimal import Context, Decimal
@@ -33,6 +34,7 @@ NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:\.\d+)?|\.\d+)")  # "5-3" is 5 and 3
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
 LETTER = re.compile(r"\(([a-eA-E])\)")
+_OPS = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__, ast.Div: float.__truediv__}
 
 
 def check_mode(mode: str) -> None:
@@ -112,3 +114,21 @@ def format_number(x: float | int | Decimal) -> str:
     text = format(x.quantize(Decimal("1e-6"), context=Context(prec=max(x.adjusted(), 0) + 8)), "f")
     text = text.rstrip("0").rstrip(".")
     return "0" if text == "-0" else text
+
+
+def safe_eval(expr: str) -> float:
+    """Value of `expr` built from numbers, + - * /, parentheses and unary minus; walks the AST, never eval."""
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        raise ValueError(f"not allowed in an arithmetic expression: {ast.dump(node)[:60]}")
+
+    try:
+        return walk(ast.parse(expr.strip(), mode="eval").body)
+    except (SyntaxError, ZeroDivisionError, OverflowError) as e:
+        raise ValueError(f"cannot evaluate {expr!r}: {e}") from None

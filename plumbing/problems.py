@@ -12,7 +12,7 @@ with "The answer is X." where X is `answers.format_number(answer)`, as the answe
 import random
 from fractions import Fraction
 
-import answers
+from plumbing import answers
 
 NAMES = ["Ava", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Isla", "Jamal", "Kira", "Liam",
          "Maya", "Noah", "Olga", "Priya", "Quinn", "Ravi", "Sofia", "Tom"]

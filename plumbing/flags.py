@@ -13,11 +13,9 @@ import math
 import os
 from pathlib import Path
 
-import answers
-import cli
 import data
-import models
 import mol
+from plumbing import answers, cli, models
 
 METHODS = ("vanilla", "dss", "mmi", "molsaki")
 DATA_SETS = ("builtin", "svamp", "gsm8k", "csqa")  # --data names; anything else is a file of problems

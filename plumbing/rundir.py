@@ -34,8 +34,7 @@ import torch
 import transformers
 
 import data
-import fetch
-import flags
+from plumbing import fetch, files, flags
 
 CHECKPOINTS = ("checkpoint", "checkpoint.old")  # where --resume looks; .old: a crash between the two renames
 # Flags that may change on --resume: where the run writes and how often it saves, what it evaluates at the end,
@@ -92,7 +91,7 @@ def start(args) -> dict | None:
         return None
     if found is None:
         raise ValueError(f"--resume: no checkpoint in {args.out} (train without --resume, or pass the run's --out)")
-    state = data.load_torch(found / "trainer_state.pt", "the run cannot continue from it: start it again with "
+    state = files.load_torch(found / "trainer_state.pt", "the run cannot continue from it: start it again with "
                             "--overwrite")
     now = {k: str(v) for k, v in vars(args).items()}
     differ = [k for k in sorted(state["args"]) if k in now and k not in MAY_DIFFER and now[k] != state["args"][k]]
@@ -106,7 +105,7 @@ def start(args) -> dict | None:
 def open_log(path, step):
     """The step log, for appending after `step`: rows of later steps (written after the checkpoint) and a last
     line cut by a hard kill are dropped; a fresh start (step 0) empties it."""
-    rows = data.read_appended(Path(path)) if step else []
+    rows = files.read_appended(Path(path)) if step else []
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
     return open(path, "a")
 

@@ -13,7 +13,7 @@ or another SHA-256: `DataUnavailable`, a one-line message naming the command tha
 checked again whenever a loader reads it: one cut short or edited since is `DataUnavailable` too (hashing all 30
 files takes about 20 ms, so nothing is memoized).
 
-    python fetch.py [NAME ...] [--data-dir DIR]   # the named data sets, no NAME: all
+    python -m plumbing.fetch [NAME ...] [--data-dir DIR]   # the named data sets, no NAME: all
 
 Public functions:
     resolve_data_dir(path) -> Path    the data directory: `path` (--data-dir), else env MOLSAKI_DATA (either must
@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-import cli
+from plumbing import cli
 
 CACHE = Path.home() / ".cache" / "molsaki" / "data"  # the data directory without --data-dir or MOLSAKI_DATA
 
@@ -297,7 +297,7 @@ def _verified(root: Path, path: str, where: str):
 
 
 def _command(root: Path, path: str) -> str:  # the command that fetches `path` into `root`
-    command = f"python fetch.py {FILES[path].dataset}"
+    command = f"python -m plumbing.fetch {FILES[path].dataset}"
     if root != Path(os.environ.get("MOLSAKI_DATA") or CACHE):
         command += f" --data-dir {root}"
     return command
@@ -327,7 +327,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    """`python fetch.py [NAME ...] [--data-dir DIR]`: download the data sets (all without a NAME)."""
+    """`python -m plumbing.fetch [NAME ...] [--data-dir DIR]`: download the data sets (all without a NAME)."""
     args = parse_args(argv)
     try:
         root = resolve_data_dir(args.data_dir)
