@@ -65,7 +65,7 @@ class StudentRouter(nn.Module):
     def __init__(self, dim: int, n_layers: int, tau2: float = 0.5):
         super().__init__()
         self.tau2 = tau2
-        self.norm = nn.RMSNorm(dim, eps=1e-6)  # one norm over d, shared by all layers; eps as before (default differs)
+        self.norm = nn.RMSNorm(dim, eps=1e-6)  # one norm over d, shared by all layers; eps 1e-6, not PyTorch's default
         self.proj = nn.Linear(dim, 1, bias=False)  # W: d -> 1
         self.bias = nn.Parameter(torch.zeros(n_layers))  # b: one per layer
         nn.init.zeros_(self.proj.weight)  # p_s starts uniform: every layer takes part (see the module docstring)
@@ -108,7 +108,8 @@ def mix_layers(A: Tensor, p: Tensor) -> Tensor:
     if A.dim() < 3 or p.shape != A.shape[:-2]:
         raise ValueError(f"weights {tuple(p.shape)} do not match the layers of A {tuple(A.shape)}")
     dtype = torch.promote_types(A.dtype, p.dtype)
-    return torch.einsum("...l,...lsw->...sw", p.to(A.device, dtype), A.to(dtype))
+    with torch.autocast(A.device.type, enabled=False):  # the mixture stays in the dtype of its inputs
+        return torch.einsum("...l,...lsw->...sw", p.to(A.device, dtype), A.to(dtype))
 
 
 def parse_layer_map(spec: str, n_teacher: int, n_student: int) -> tuple[int, int]:

@@ -3,19 +3,19 @@
     python train.py --teacher gemma3-270m --student smollm2-135m --data builtin --method molsaki
 
 Stages, each skipped when its output is already in --out: the teacher stage (rationales, CSQA keywords and the
-teacher's stepwise attention A_t of Eq. 2, data.py), training (this file), evaluation (eval.py). The flags and
-their checks are flags.py's; what a run directory guarantees (lock, resume, signals, run.json) is rundir.py's.
+teacher's stepwise attention A_t of Eq. 2, teacher.py), training (this file), evaluation (eval.py). The flags and
+their checks are plumbing/flags.py's; what a run directory guarantees (lock, resume, signals, run.json) is
+plumbing/rundir.py's.
 
 Methods: `vanilla` (L_pre on gold answers), `dss` (beta = 0), `mmi` (the MMI loss), `molsaki` (Eq. 6 with MoL,
 Eq. 4/5); `--layer-map T:S` or `last` is the single-layer ablation of Table 2.
 
-One step (`step`, per micro-batch): the answer pass gives L_pre (Eq. 1); the rationale pass gives L_exp and, under
-molsaki, the student's stepwise attention A_s and value states through the capture (capture.py), so L_att (Eq. 6)
-costs no extra forward; then Eq. 7 and one backward. Both passes' activations are alive until that backward:
---grad-accum splits the batch when they do not fit. Several GPUs (torchrun): `Student`, the LM with its router,
-in DistributedDataParallel.
-
-Public functions: `Student`, `step`, `check_inputs`, `teacher_stage`, `batch_indices`, `fit`, `train`, `main`.
+One step (`step`, per micro-batch) reads Eq. 1 to 7 in the paper's order: the answer pass gives L_pre (Eq. 1); the
+rationale pass gives L_exp and, under molsaki, the student's stepwise attention A_s and value states through the
+capture (capture.py, Eq. 3), so L_att costs no extra forward; the teacher's layer weights p_t come from its cached
+A_t (Eq. 4), the student's p_s from the router (Eq. 5); the two mixtures meet in the KL (Eq. 6); then Eq. 7 and one
+backward. Both passes' activations are alive until that backward: --grad-accum splits the batch when they do not
+fit. Several GPUs (torchrun): `Student`, the LM with its router, in DistributedDataParallel.
 """
 
 import contextlib
@@ -36,6 +36,7 @@ import data
 import eval as eval_
 import losses
 import mol
+import teacher
 from plumbing import cli, fetch, flags, models, rundir
 
 
@@ -47,46 +48,49 @@ class Student(torch.nn.Module):
         super().__init__()
         self.lm, self.router = lm, router
 
-    def forward(self, args, batch, feats):
-        return step(args, self.lm, self.router, batch, feats)
+    def forward(self, batch, **method):
+        return step(self.lm, self.router, batch, **method)
 
 
-def step(args, lm, router, batch, feats, read_attention=capture.capture):
-    """Eq. 7 on one micro-batch: (loss, parts). `loss` carries the graph; `parts` are detached: 'loss', 'pre',
-    'exp', 'att', 'mmi' and, under molsaki, the mean 'p_s' and 'no_words' (examples without a step or critical
-    word). `read_attention(lm, groups, values=True)` is how A_s and the value states are read during the rationale
-    pass: the capture here; eager attention in the benchmark's naive route."""
+def step(lm, router, batch, method="molsaki", alpha=0.5, beta=1.0, tau1=0.1, layer_map=None,
+         read_attention=capture.capture):
+    """Eq. 7 on one batch of `data.collate`: (loss, parts). `loss` carries the graph; `parts` are detached: 'loss',
+    'pre', 'exp', 'att', 'mmi' and, under molsaki, the batch means of 'p_t' and 'p_s' and 'no_words' (examples
+    without a step or critical word). `router` is None under `layer_map` ("T:S" or "last", Table 2's single layers).
+    `read_attention(lm, groups, values=True)` reads A_s and the value states during the rationale pass: the capture
+    here, eager attention in the benchmark's naive route."""
     device = lm.device
     t = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    zero = torch.zeros((), device=device)
+    parts = {"att": zero, "mmi": zero}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         pre = lm(t["pre_ids"], attention_mask=t["pre_mask"]).logits  # [B, N, V]
-        l_pre = losses.target_cross_entropy(pre, t["pre_labels"])  # Eq. 1
-        if args.method == "vanilla":
+        l_pre = losses.target_cross_entropy(pre, t["pre_labels"])  # Eq. 1, the answer
+        if method == "vanilla":
             return l_pre, {"loss": l_pre.detach(), "pre": l_pre.detach()}
-        groups = [f["groups"] for f in feats] if args.method == "molsaki" else None
-        with read_attention(lm, groups, values=True) if groups else contextlib.nullcontext() as cap:
+        molsaki = method == "molsaki"
+        with read_attention(lm, batch["groups"], values=True) if molsaki else contextlib.nullcontext() as cap:
             exp = lm(t["exp_ids"], attention_mask=t["exp_mask"]).logits  # [B, N, V]
-        l_exp = losses.target_cross_entropy(exp, t["exp_labels"])
-        zero = torch.zeros((), device=device)
-        parts, extra = {"att": zero, "mmi": zero}, zero
-        if args.method == "mmi":
-            parts["mmi"] = extra = losses.mmi_loss(pre, t["pre_labels"], exp, t["exp_labels"])
-        if groups:
-            A_s = cap.stepwise()  # per example [L2, S, W]
-            if args.layer_map:
-                s = mol.parse_layer_map(args.layer_map, feats[0]["p_t"].shape[0], len(A_s[0]))[1]
-                p_s = mol.one_hot_weights(s, len(A_s[0])).to(device).expand(len(feats), -1)
+        l_exp = losses.target_cross_entropy(exp, t["exp_labels"])  # Eq. 1, the rationale
+        if method == "mmi":
+            parts["mmi"] = losses.mmi_loss(pre, t["pre_labels"], exp, t["exp_labels"])
+        if molsaki:
+            A_s = cap.stepwise()  # Eq. 3: per example [L2, S, W], read during the rationale pass
+            A_t = [a.to(device) for a in batch["A_t"]]  # per example [L1, S, W], the teacher's (Eq. 2, cached)
+            if layer_map:  # one teacher layer against one student layer
+                i, j = mol.parse_layer_map(layer_map, len(A_t[0]), len(A_s[0]))
+                p_t = mol.one_hot_weights(i, len(A_t[0])).to(device).expand(len(A_t), -1)  # [B, L1]
+                p_s = mol.one_hot_weights(j, len(A_s[0])).to(device).expand(len(A_s), -1)  # [B, L2]
             else:
-                p_s = router(cap.value_states(), t["exp_mask"])  # [B, L2], Eq. 5
-            pairs = [(f["A_t"].to(device), mol.mix_layers(a, p)) for f, a, p in zip(feats, A_s, p_s, strict=True)]
-            parts["att"], used = losses.attention_loss(pairs)  # Eq. 6
-            parts["p_s"] = p_s.detach().mean(0)
-            parts["no_words"] = torch.tensor(float(len(feats) - used), device=device)
-            extra = parts["att"]
-        loss = losses.total_loss(l_pre, l_exp, extra, args.alpha, args.beta)  # Eq. 7
-    parts.update(loss=loss.detach(), pre=l_pre.detach(), exp=l_exp.detach(), att=parts["att"].detach(),
-                 mmi=parts["mmi"].detach())
-    return loss, parts
+                p_t = torch.stack([mol.teacher_layer_weights(a, tau1) for a in A_t])  # Eq. 4: [B, L1]
+                p_s = router(cap.value_states(), t["exp_mask"])  # Eq. 5: [B, L2]
+            pairs = [(mol.mix_layers(a_t, pt), mol.mix_layers(a_s, ps))  # Eq. 6: the two mixtures [S, W]
+                     for a_t, pt, a_s, ps in zip(A_t, p_t, A_s, p_s, strict=True)]
+            parts["att"], used = losses.attention_loss(pairs)  # Eq. 6: KL per step, averaged
+            no_words = torch.tensor(float(len(A_s) - used), device=device)  # examples without a step or word
+            parts.update(p_t=p_t.mean(0), p_s=p_s.mean(0), no_words=no_words)
+        loss = losses.total_loss(l_pre, l_exp, parts["att"] + parts["mmi"], alpha, beta)  # Eq. 7
+    return loss, {k: v.detach() for k, v in dict(parts, loss=loss, pre=l_pre, exp=l_exp).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +121,22 @@ def check_inputs(args) -> dict | None:
     return state
 
 
+def training_examples(args, load_teacher) -> list[dict]:
+    """The run's training examples as its flags say (teacher.training_examples); `load_teacher()` gives (model,
+    tokenizer), called only when the teacher must generate."""
+    return teacher.training_examples(
+        args.data, None if args.method == "vanilla" else args.rationales, load_teacher, args.out,
+        data_dir=args.data_dir, n_train=args.n_train, palm_filter=args.palm_filter, answer_target=args.answer_target,
+        keywords=args.method == "molsaki", batch_size=args.teacher_batch_size)
+
+
+def attention_cache(args, examples, load_teacher) -> dict:
+    """The run's teacher attention cache, --out/teacher_cache.pt, built or reused (teacher.attention_cache)."""
+    meta = teacher.cache_meta(args.teacher, examples, args.delimiters, args.max_length)
+    return teacher.attention_cache(args.out / "teacher_cache.pt", meta, examples, load_teacher,
+                                   args.teacher_batch_size)
+
+
 def teacher_stage(args) -> tuple[list[dict], dict | None]:
     """The training examples with their rationales and, under molsaki, the teacher attention cache (Eq. 2), each
     reused from --out when there. The teacher loads only if something is missing. Rank 0 first; the other
@@ -128,14 +148,14 @@ def teacher_stage(args) -> tuple[list[dict], dict | None]:
                                        device_map=device_map)
         return (model if device_map else model.to(_device())).eval(), tok
 
-    teacher = functools.cache(load_teacher)
     if _rank() != 0:
         dist.barrier()
     try:
-        examples = data.training_examples(args, teacher)
+        load = functools.cache(load_teacher)
+        examples = training_examples(args, load)
         if not examples:
             raise ValueError(f"no training example has a rationale ({args.rationales}): see the counts above")
-        cache = data.teacher_cache(args, examples, teacher) if args.method == "molsaki" else None
+        cache = attention_cache(args, examples, load) if args.method == "molsaki" else None
     except ValueError as e:
         cli.fail(e)
     if _rank() == 0 and dist.is_initialized():
@@ -167,12 +187,23 @@ def batch_indices(step, n, batch_size, seed):
     return out
 
 
+def objective(args) -> dict:
+    """The method and its numbers, as `step` takes them."""
+    return {"method": args.method, "alpha": args.alpha, "beta": args.beta, "tau1": args.tau1,
+            "layer_map": args.layer_map}
+
+
+def features(args, examples, tok, cache) -> list[dict]:
+    """data.features as the run's flags say: the rationale task unless vanilla, the teacher's A_t under molsaki."""
+    return data.features(examples, tok, args.max_length, args.method != "vanilla", cache, args.delimiters)
+
+
 def fit(args, examples, cache, state, device):
     """Train from step 0, or from `state` (--resume), to --max-steps; returns the last step's log row."""
     source = rundir.checkpoint_dir(args.out) if state else args.student
     attn = capture.register() if args.method == "molsaki" else "sdpa"
     lm, tok = models.load_model(str(source), attn_implementation=attn)
-    feats = data.features(args, examples, tok, cache, lm.config.num_hidden_layers)
+    feats = features(args, examples, tok, cache)
     router = None
     if args.method == "molsaki" and not args.layer_map:
         router = mol.StudentRouter(capture.value_dim(lm.config), lm.config.num_hidden_layers, args.tau2)
@@ -204,7 +235,7 @@ def fit(args, examples, cache, state, device):
             for m in range(args.grad_accum):  # DDP reduces the gradients in the last backward of the step
                 fb = [feats[i] for i in mine[m * micro:(m + 1) * micro]]
                 with model.no_sync() if world > 1 and m < args.grad_accum - 1 else contextlib.nullcontext():
-                    loss, parts = model(args, data.collate(fb, tok.pad_token_id), fb)
+                    loss, parts = model(data.collate(fb, tok.pad_token_id), **objective(args))
                     (loss / args.grad_accum).backward()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0) + v.float() / args.grad_accum
@@ -228,8 +259,6 @@ def fit(args, examples, cache, state, device):
             step += 1
             row = {"step": step, "lr": sched.get_last_lr()[0], "sec": round(time.time() - t0, 3)}
             row.update({k: (v.tolist() if v.dim() else v.item()) for k, v in sums.items()})
-            if cache is not None:
-                row["p_t"] = torch.stack([feats[i]["p_t"] for i in idx]).mean(0).tolist()  # the global batch
             if log:
                 log.write(json.dumps(row) + "\n")
                 log.flush()

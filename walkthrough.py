@@ -17,7 +17,7 @@ Public functions:
     parse_args(argv), main(argv)
 
 The flow is train.py's on a batch of this one example, under no_grad (nothing is trained):
-    1. data.build_attention_cache: the teacher cache of the example (capture.capture, logits_to_keep=1), A_t per
+    1. teacher.build_attention_cache: the teacher cache of the example (capture.capture, logits_to_keep=1), A_t per
        teacher layer [L1, S, W];
     2. data.features and data.collate on that cache: the example's features and micro-batch, as train.py's loop
        builds them (task ids and labels, the student's token groups, the mixed A_t and p_t);
@@ -41,6 +41,7 @@ import mol
 import spans
 import train
 from plumbing import cli, fetch, flags, models
+from teacher import build_attention_cache
 
 ROWS, COLS, PER_LINE = 8, 10, 10  # table size shown; layers (or steps) per line of a per-layer row
 
@@ -63,14 +64,14 @@ def walk(teacher, t_tok, student, s_tok, example, tau1=0.1, tau2=0.5, alpha=0.5,
     if not step_ids or not word_ids:
         raise ValueError(f"{example['id']}: no step or no critical word that both models keep, so no L_att")
 
-    cache = data.build_attention_cache(teacher, t_tok, [example], {"delimiters": args.delimiters}, max_length, 1)
+    cache = build_attention_cache(teacher, t_tok, [example], {"delimiters": args.delimiters}, max_length, 1)
     item = cache["items"][example["id"]]  # Eq. 2 over the steps and words the teacher keeps
     A_t_layers = item["A"][:, [item["step_ids"].index(k) for k in step_ids]][
         :, :, [item["word_ids"].index(k) for k in word_ids]]  # [L1, S, W], both models' steps and words
     G = mol.column_gradient(A_t_layers)  # Eq. 4, [L1]
     p_t = mol.teacher_layer_weights(A_t_layers, tau1)  # Eq. 4, [L1]
 
-    feat = data.features(args, [example], s_tok, cache, student.config.num_hidden_layers)[0]
+    feat = train.features(args, [example], s_tok, cache)[0]
     router = mol.StudentRouter(capture.value_dim(student.config), student.config.num_hidden_layers, tau2)
     router = router.to(student.device)
     caps = []
@@ -81,8 +82,8 @@ def walk(teacher, t_tok, student, s_tok, example, tau1=0.1, tau2=0.5, alpha=0.5,
             caps.append(cap)
             yield cap
 
-    _, parts = train.step(args, student, router, data.collate([feat], s_tok.pad_token_id), [feat],
-                          read_attention=read_attention)  # Eq. 1, 3, 5, 6, 7
+    _, parts = train.step(student, router, data.collate([feat], s_tok.pad_token_id), **train.objective(args),
+                          read_attention=read_attention)  # Eq. 1, 3, 4, 5, 6, 7
     parts = {k: v.float().cpu() for k, v in parts.items()}
     A_s_layers = caps[0].stepwise()[0].float().cpu()  # [L2, S, W], the step's L_exp forward
     values = caps[0].value_states()[0].float().cpu()  # [L2, N, d], one text: no padding
@@ -169,7 +170,7 @@ def report(w) -> str:
 
     L1, L2 = len(w["p_t"]), len(w["p_s"])
     _header(4, "Eq. 2  A_t of the first and last teacher layer",
-            "data.build_attention_cache (capture.capture, no_grad, logits_to_keep=1)", out)
+            "teacher.build_attention_cache (capture.capture, no_grad, logits_to_keep=1)", out)
     out.append(f"A_l[s, w] = mean over heads of the attention of step s's tokens on word w's tokens; L1 = {L1} "
                "layers, numbered from 1 as in the paper")
     for layer in (0, L1 - 1):

@@ -4,9 +4,9 @@
 
 --run-dir: a train.py run directory of method molsaki with MoL; its run.json says how its examples were made, its
 teacher_cache.pt holds the teacher's A_t (Eq. 2), its rationales.jsonl the teacher's rationales (if any). lr, batch,
-warmup, alpha, beta and tau2 are the run's (the Trainer's linear warmup starts at lr 0, train.py's at lr / warmup).
-The loss goes through the modules a user copies: capture.py (A_s, Eq. 3), mol.py (router, Eq. 5; mixing, Eq. 6),
-losses.py (Eq. 1, 6, 7); docs/your_loop.md says what each needs. Several processes: torchrun, as train.py."""
+warmup, alpha, beta, tau1 and tau2 are the run's (the Trainer's linear warmup starts at lr 0, train.py's at
+lr / warmup). The loss is train.step's, called through train.Student, the module the Trainer optimizes, saves and
+wraps for DDP; docs/your_loop.md says what it needs. Several processes: torchrun, as train.py."""
 
 import argparse
 import functools
@@ -20,53 +20,26 @@ from transformers import Trainer, TrainingArguments
 
 import capture
 import data
-import losses
 import mol
+import train
 from plumbing import models
 
 
-class StudentWithRouter(torch.nn.Module):
-    """The student LM (loaded with attn_implementation=capture.register()) and its router (Eq. 5). One forward
-    returns what the loss needs: both tasks' logits, A_s per example [L2, S, W] (Eq. 3) and p_s [B, L2]."""
-
-    def __init__(self, lm, router):
-        super().__init__()
-        self.lm, self.router = lm, router
-
-    def forward(self, pre_ids, pre_mask, exp_ids, exp_mask, groups):
-        pre = self.lm(pre_ids, attention_mask=pre_mask).logits  # [B, N, V], the answer task
-        with capture.capture(self.lm, groups, values=True) as cap:  # A_s read during the rationale pass
-            exp = self.lm(exp_ids, attention_mask=exp_mask).logits  # [B, N, V], the rationale task
-        return pre, exp, cap.stepwise(), self.router(cap.value_states(), exp_mask)  # p_s: Eq. 5
-
-
-def collate(feats, pad_id):
-    """data.collate's padded tensors, plus per example the token groups and the mixed A_t [S, W] (not tensors of
-    one shape: the Trainer passes them through with remove_unused_columns=False)."""
-    return dict(data.collate(feats, pad_id), groups=[f["groups"] for f in feats], A_t=[f["A_t"] for f in feats])
-
-
 class MolsakiTrainer(Trainer):
-    """A Trainer whose loss is Eq. 7: alpha L_pre + (1 - alpha) L_exp + beta L_att."""
+    """A Trainer whose loss is train.py's: its model is a `train.Student` (the LM and its router), whose forward is
+    `train.step`, Eq. 7 written once: alpha L_pre + (1 - alpha) L_exp + beta L_att."""
 
-    def __init__(self, *args, alpha=0.5, beta=1.0, **kwargs):
+    def __init__(self, *args, alpha=0.5, beta=1.0, tau1=0.1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.alpha, self.beta, self.parts = alpha, beta, {}
+        self.objective, self.parts = {"method": "molsaki", "alpha": alpha, "beta": beta, "tau1": tau1}, {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        x = inputs
-        pre, exp, A_s, p_s = model(x["pre_ids"], x["pre_mask"], x["exp_ids"], x["exp_mask"], x["groups"])
-        l_pre = losses.target_cross_entropy(pre, x["pre_labels"])  # Eq. 1 on the answer
-        l_exp = losses.target_cross_entropy(exp, x["exp_labels"])  # Eq. 1 on the rationale
-        pairs = [(a_t, mol.mix_layers(a_s, p)) for a_t, a_s, p in zip(x["A_t"], A_s, p_s, strict=True)]
-        l_att, _ = losses.attention_loss(pairs)  # Eq. 6: KL between the mixed A_t and A_s, per step
-        loss = losses.total_loss(l_pre, l_exp, l_att, self.alpha, self.beta)  # Eq. 7
-        self.parts = {"pre": l_pre.detach(), "exp": l_exp.detach(), "att": l_att.detach()}
-        return (loss, dict(self.parts, p_s=p_s.detach())) if return_outputs else loss
+        loss, self.parts = model(inputs, **self.objective)  # train.step, through the (DDP-wrapped) train.Student
+        return (loss, self.parts) if return_outputs else loss
 
     def log(self, logs, start_time=None):  # the parts of the last micro-batch beside the Trainer's loss
         if "loss" in logs:
-            logs.update({k: round(v.item(), 4) for k, v in self.parts.items()})
+            logs.update({k: round(self.parts[k].item(), 4) for k in ("pre", "exp", "att")})
         super().log(logs, start_time)
 
     def _save(self, output_dir=None, state_dict=None):  # the LM as from_pretrained reads it, the router beside it
@@ -96,15 +69,15 @@ def load_run(run_dir):
     def no_teacher():  # called only when the run's teacher stage is not complete
         raise SystemExit(f"error: {run_dir} lacks teacher outputs (rationales or teacher_cache.pt): run train.py there")
 
-    examples = data.training_examples(run, no_teacher)
-    return run, examples, data.teacher_cache(run, examples, no_teacher)  # refuses a cache of other texts
+    examples = train.training_examples(run, no_teacher)
+    return run, examples, train.attention_cache(run, examples, no_teacher)  # refuses a cache of other texts
 
 
 def build(run_dir, student, out, max_steps=None):
     """A MolsakiTrainer on the run's examples, with the run's schedule."""
     run, examples, cache = load_run(run_dir)
     lm, tok = models.load_model(student or run.student, attn_implementation=capture.register())
-    feats = data.features(run, examples, tok, cache, lm.config.num_hidden_layers)
+    feats = train.features(run, examples, tok, cache)
     router = mol.StudentRouter(capture.value_dim(lm.config), lm.config.num_hidden_layers, run.tau2)
     targs = TrainingArguments(
         output_dir=str(out), max_steps=max_steps or run.max_steps, learning_rate=run.lr, warmup_steps=run.warmup,
@@ -112,9 +85,9 @@ def build(run_dir, student, out, max_steps=None):
         weight_decay=run.weight_decay, max_grad_norm=run.max_grad_norm, seed=run.seed, logging_steps=1,
         save_steps=run.save_every, report_to="none", remove_unused_columns=False, bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available())  # without a GPU: use_cpu, or torchrun's processes train apart
-    return MolsakiTrainer(model=StudentWithRouter(lm, router), args=targs, train_dataset=feats,
-                          data_collator=functools.partial(collate, pad_id=tok.pad_token_id), processing_class=tok,
-                          alpha=run.alpha, beta=run.beta)
+    return MolsakiTrainer(model=train.Student(lm, router), args=targs, train_dataset=feats,
+                          data_collator=functools.partial(data.collate, pad_id=tok.pad_token_id), processing_class=tok,
+                          alpha=run.alpha, beta=run.beta, tau1=run.tau1)
 
 
 def parse_args(argv=None):

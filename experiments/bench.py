@@ -20,7 +20,7 @@ profiling). Four sections, one markdown table each on stdout and in `--out/bench
   minute apart).
 - capture: forward + backward of the student alone (batch 1, `logits_to_keep=1`) for N in `--lengths`: plain SDPA,
   the capture (loss sum(A * w)), eager attention through `eager_attention` (the same loss).
-- teacher: examples per second of `data.build_attention_cache`, and teacher forward passes per training example
+- teacher: examples per second of `teacher.build_attention_cache`, and teacher forward passes per training example
   counted by a forward pre-hook, against recomputing the teacher at every step.
 - flops: FLOPs of one training step (forward and backward) of vanilla, dss, mmi, molsaki and naive, as the paper's
   Table 5, at the smollm2-135m and GPT-2 large shapes (random weights): torch's FlopCounterMode, plus by hand the
@@ -92,6 +92,7 @@ import mol
 import spans
 import train
 from plumbing import flags, models, problems
+from teacher import build_attention_cache
 
 DEFAULTS = {  # the real models at the default shape, and --quick: tiny random models
     "full": {"model": "smollm2-135m", "teacher": "gemma3-270m", "batch_size": 4, "seq_len": 512, "steps": 3,
@@ -237,7 +238,7 @@ def long_examples(tok, n_examples, n_tokens, seed=0):
 
 
 def fake_cache(tok, examples, max_length, seed=0):
-    """A teacher cache in data.build_attention_cache's format with a random A_t [L1, S, W] per example, on
+    """A teacher cache in teacher.build_attention_cache's format with a random A_t [L1, S, W] per example, on
     every step and word that counts for this tokenizer (so the teacher keeps the student's sets)."""
     g = torch.Generator().manual_seed(seed)
     items = {}
@@ -436,13 +437,14 @@ def _route_step(route, cfg, student, tok, router, opt):
     args = flags.parse_args(["--method", method, "--max-length", str(N), "--student", cfg["model"]])
     examples = long_examples(tok, cfg["batch_size"], N)
     cache = fake_cache(tok, examples, N) if method == "molsaki" else None
-    feats = data.features(args, examples, tok, cache, student.config.num_hidden_layers)
+    feats = train.features(args, examples, tok, cache)
     batch = data.collate(feats, tok.pad_token_id)
     read = eager_attention if route == "naive" else capture.capture
     params = [p for g in opt.param_groups for p in g["params"]] if opt else []
 
     def run():
-        loss, _ = train.step(args, student, router if method == "molsaki" else None, batch, feats, read_attention=read)
+        loss, _ = train.step(student, router if method == "molsaki" else None, batch, **train.objective(args),
+                             read_attention=read)
         loss.backward()
 
     return _stepper(run, params, opt, args.max_grad_norm), batch, feats, run
@@ -528,11 +530,11 @@ def bench_teacher(cfg, device):
     examples = problems.make_problems(cfg["cache_examples"], seed=0)
     meta = {"delimiters": "."}
     bs = cfg["teacher_batch_size"]
-    data.build_attention_cache(model, tok, examples[:bs], meta, cfg["max_length"], bs)  # warm-up
+    build_attention_cache(model, tok, examples[:bs], meta, cfg["max_length"], bs)  # warm-up
     calls = []
     hook = model.register_forward_pre_hook(
         lambda m, args, kwargs: calls.append(len(args[0] if args else kwargs["input_ids"])), with_kwargs=True)
-    sec, cache = _timed(lambda: data.build_attention_cache(model, tok, examples, meta, cfg["max_length"], bs), device)
+    sec, cache = _timed(lambda: build_attention_cache(model, tok, examples, meta, cfg["max_length"], bs), device)
     hook.remove()
     tokens = sum(len(tok(data.EXP_PROMPT.format(question=e["question"]) + " " + e["rationale"])["input_ids"])
                  for e in examples)

@@ -43,6 +43,7 @@ import data
 import losses
 import mol
 import spans
+import train
 from plumbing import cli, files, flags, models
 
 
@@ -77,7 +78,7 @@ def load_run(run_dir, data_dir=None):
         raise ValueError(f"{run_dir}: the figures need a molsaki run with teacher_cache.pt (method {args.method})")
     cache = files.load_torch(run_dir / "teacher_cache.pt", "delete it: train.py with the run's flags builds it again")
     rows = [json.loads(line) for line in open(run_dir / "log.jsonl")]
-    return args, state, data.training_examples(args, functools.cache(lambda: _teacher(args))), cache, rows
+    return args, state, train.training_examples(args, functools.cache(lambda: _teacher(args))), cache, rows
 
 
 def _teacher(args):
@@ -111,6 +112,13 @@ def student_stepwise(model, feat):
     with capture.capture(model, [feat["groups"]], values=True) as cap:
         model(ids, attention_mask=torch.ones_like(ids))
     return cap.stepwise()[0].float(), cap.value_states()[0].float()
+
+
+def teacher_weights(args, A_t, n_student):
+    """p_t [L1] (Eq. 4) of one example's cached A_t [L1, S, W], or the one-hot teacher layer of --layer-map."""
+    if args.layer_map:
+        return mol.one_hot_weights(mol.parse_layer_map(args.layer_map, len(A_t), n_student)[0], len(A_t))
+    return mol.teacher_layer_weights(A_t, args.tau1)
 
 
 @torch.no_grad()
@@ -281,8 +289,8 @@ def main(argv=None):
         cli.fail(e)
 
     after, tok = models.load_model(str(run_dir / "checkpoint"), attn_implementation=capture.register())
-    feats = data.features(args, examples, tok, cache, after.config.num_hidden_layers)
-    ok = [i for i, f in enumerate(feats) if min(f["A_t"].shape) >= 2 and opts.example in (None, f["id"])]
+    feats = train.features(args, examples, tok, cache)
+    ok = [i for i, f in enumerate(feats) if min(f["A_t"].shape[1:]) >= 2 and opts.example in (None, f["id"])]
     if not ok:
         raise ValueError(f"no example {opts.example or 'with >= 2 steps and >= 2 words'} in {run_dir}")
     e, f = examples[ok[0]], feats[ok[0]]
@@ -294,16 +302,19 @@ def main(argv=None):
     before, _ = models.load_model(args.student, attn_implementation=capture.register())
     A_before, _ = student_stepwise(before.eval(), f)
     mean_p_s = torch.tensor([r["p_s"] for r in rows[-max(1, len(rows) // 10):]]).mean(0)
+    L2 = after.config.num_hidden_layers
+    p_t = teacher_weights(args, f["A_t"], L2)
+    mean_p_t = torch.stack([teacher_weights(args, g["A_t"], L2) for g in feats]).mean(0)
 
     teacher, ttok = models.load_model(args.teacher, attn_implementation="eager")
     means = {who: critical_attention(m.eval(), mt, v["text"], v["steps"], v["words"], args.max_length)
              for who, m, mt in (("teacher", teacher, ttok), ("student after", after, tok))}
     paths = [
-        plot_heatmap(f["A_t"], mol.mix_layers(A_before, p_s), mol.mix_layers(A_after, p_s), v["step_labels"],
-                     v["word_labels"], out / "heatmap.png"),
-        plot_teacher_layers(v["A"], f["p_t"], v["word_labels"], out / "teacher_layers.png"),
+        plot_heatmap(mol.mix_layers(f["A_t"], p_t), mol.mix_layers(A_before, p_s), mol.mix_layers(A_after, p_s),
+                     v["step_labels"], v["word_labels"], out / "heatmap.png"),
+        plot_teacher_layers(v["A"], p_t, v["word_labels"], out / "teacher_layers.png"),
         plot_column_gradient(cache, out / "column_gradient.png"),
-        plot_layer_weights(f["p_t"], p_s, torch.stack([g["p_t"] for g in feats]).mean(0), mean_p_s,
+        plot_layer_weights(p_t, p_s, mean_p_t, mean_p_s,
                            out / "layer_weights.png"),
         plot_router_over_steps(rows, out / "router_over_steps.png"),
         plot_numeric_share(means, [_short(v["text"][a:b]) for a, b in v["steps"]],

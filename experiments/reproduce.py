@@ -32,7 +32,7 @@ status, seconds).
 Running a grid (`run_grid`):
 - A job is finished when its eval files are there (eval_answer.json, and eval_cot.json when the setting has cot
   sets) and is skipped. Otherwise train.py runs, with --resume when the run directory holds a checkpoint (the
-  folders train._checkpoint_dir looks in), then `eval.py --mode cot` on the checkpoint.
+  folders rundir.checkpoint_dir looks in), then `eval.py --mode cot` on the checkpoint.
 - Ctrl-C or SIGTERM is forwarded once, as SIGTERM, to the running commands (each runs in its own session, so a
   terminal's Ctrl-C reaches them only this way); train.py saves a checkpoint and exits; nothing new starts, and
   the grid waits for them to exit. An error in the grid's loop does the same before it is raised. A grid that dies

@@ -138,8 +138,7 @@ def test_alternating_process_runs_the_same_steps():
 def batch_for(student, tok, n_examples=3, n_tokens=96):
     args = flags.parse_args(["--method", "molsaki", "--max-length", str(n_tokens)])
     examples = bench.long_examples(tok, n_examples, n_tokens)
-    feats = data.features(args, examples, tok, bench.fake_cache(tok, examples, n_tokens),
-                          student.config.num_hidden_layers)
+    feats = train.features(args, examples, tok, bench.fake_cache(tok, examples, n_tokens))
     return args, feats, data.collate(feats, tok.pad_token_id)
 
 
@@ -161,7 +160,7 @@ def test_naive_route_equals_fast_route(model):
     def loss_and_grads(read):
         for p in params:
             p.grad = None
-        loss, parts = train.step(args, student, router, batch, feats, read_attention=read)
+        loss, parts = train.step(student, router, batch, **train.objective(args), read_attention=read)
         loss.backward()
         assert parts["att"] > 0
         return loss.detach(), [p.grad.clone() for p in params]
@@ -216,7 +215,7 @@ def test_long_examples_fill_the_exp_text():
     assert int(batch["pre_mask"].sum(1).max()) < 256  # the answer task stays a question and an answer
     for f in feats:
         steps, words = f["groups"]
-        assert len(steps) >= 2 and len(words) >= 2 and f["A_t"].shape == (len(steps), len(words))
+        assert len(steps) >= 2 and len(words) >= 2 and f["A_t"].shape[1:] == (len(steps), len(words))
         assert max(t for group in steps + words for t in group) < 256
 
 

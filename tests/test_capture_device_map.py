@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import capture
-import data
 import train
 from plumbing import flags, models, problems
+from teacher import build_attention_cache
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA variant proves the moves")
 META = {"delimiters": ".", "teacher": "tiny"}
@@ -33,7 +33,7 @@ def _load(folder, **kwargs):
 
 
 def _cache(model, tok, examples):
-    return data.build_attention_cache(model, tok, examples, META, max_length=256, batch_size=3)
+    return build_attention_cache(model, tok, examples, META, max_length=256, batch_size=3)
 
 
 def _texts(model, tok, examples):

@@ -14,6 +14,7 @@ import pytest
 from tiny_tokenizers import bytelevel_tokenizer
 
 import data
+import train
 from data import (
     EXP_PROMPT,
     PRE_PROMPT,
@@ -309,7 +310,7 @@ def test_answer_target_equation_trains_on_dss_labels(extra):
     by_target = {}
     for target in ([], ["--answer-target", "number"], ["--answer-target", "equation"]):
         args = flags.parse_args(common + target)
-        by_target[tuple(target)] = args, data.training_examples(args, teacher=None)
+        by_target[tuple(target)] = args, train.training_examples(args, None)
     (_, default), (_, number), (equation_args, equation) = by_target.values()
     assert default == number and [e["id"] for e in equation] == [e["id"] for e in number]
     assert [e["rationale"] for e in equation] == [e["rationale"] for e in number]  # the same items kept
@@ -322,11 +323,11 @@ def test_answer_target_equation_trains_on_dss_labels(extra):
 
     tok = bytelevel_tokenizer()
     number_args = by_target[("--answer-target", "number")][0]
-    f_number = data.features(number_args, number[:20], tok, None, 3)
-    f_equation = data.features(equation_args, equation[:20], tok, None, 3)
+    f_number = train.features(number_args, number[:20], tok, None)
+    f_equation = train.features(equation_args, equation[:20], tok, None)
     assert [_pre_target(tok, f) for f in f_equation] == [" " + e["answer"] for e in equation[:20]]
     assert _pre_target(tok, f_equation[0]) == " ( 84.0 / 2.0 )" and _pre_target(tok, f_number[0]) == " 42"
-    for f, e in zip(f_number, number[:20], strict=True):  # number: the answer task as before the flag existed
+    for f, e in zip(f_number, number[:20], strict=True):  # number: the gold number
         assert _pre_target(tok, f) == " " + gold[e["id"]]["answer"]
         assert (f["pre_ids"], f["pre_labels"]) == data.task_ids(tok, PRE_PROMPT.format(question=e["question"]),
                                                                 " " + gold[e["id"]]["answer"], 512)
@@ -339,4 +340,4 @@ def test_answer_target_equation_needs_svamp_data():
     args = flags.parse_args(["--data", "svamp", "--data-dir", str(DATA), "--answer-target", "equation"])
     args.data = "gsm8k"  # past the flag checks
     with pytest.raises(ValueError, match="--answer-target equation: equations exist for --data svamp only"):
-        data.training_examples(args, teacher=None)
+        train.training_examples(args, None)

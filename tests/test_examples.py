@@ -1,12 +1,14 @@
-"""examples/hf_trainer.py on tiny random models (conftest): its compute_loss is train.step's Eq. 7 (loss, parts and
-gradients, the same LM and router weights); a Trainer trains LM and router a few steps on the CPU, and what it saves
-reloads (the LM with from_pretrained, the router from router.safetensors) with equal parameters; resuming from a
-checkpoint ends where one run ends; two torchrun processes (gloo) end with the same LM and router."""
+"""examples/hf_trainer.py on tiny random models (conftest): its compute_loss, through the Trainer's collator and the
+run's numbers, is train.step's Eq. 7 (loss, parts and gradients, the same LM and router weights); a Trainer trains
+LM and router a few steps on the CPU, and what it saves reloads (the LM with from_pretrained, the router from
+router.safetensors) with equal parameters; resuming from a checkpoint ends where one run ends; two torchrun
+processes (gloo) end with the same LM and router."""
 
 import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import data
 import train
 from examples import hf_trainer
+from plumbing import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +43,7 @@ def test_compute_loss_equals_train_step(run_dir, tiny_student_dir, tmp_path):
         student.router.proj.weight.normal_(0.0, 1e-2)
         student.router.bias.normal_(0.0, 0.5)
         student.router.norm.weight.uniform_(0.5, 1.5)
-    trainer.alpha, trainer.beta = 0.3, 2.0  # weights other than the run's, passed to both
+    trainer.objective.update(alpha=0.3, beta=2.0)  # weights other than the run's, passed to both
     run = argparse.Namespace(**dict(vars(hf_trainer.load_run(run_dir)[0]), alpha=0.3, beta=2.0))
     feats = trainer.train_dataset[:4]
     params = dict(student.named_parameters())
@@ -53,12 +56,12 @@ def test_compute_loss_equals_train_step(run_dir, tiny_student_dir, tmp_path):
 
     loss, parts = trainer.compute_loss(student, trainer.data_collator(feats), return_outputs=True)
     mine = grads(loss)
-    ref, ref_parts = train.step(run, student.lm, student.router, data.collate(feats, trainer.processing_class
-                                                                                  .pad_token_id), feats)
+    ref, ref_parts = train.step(student.lm, student.router, data.collate(feats, trainer.processing_class.pad_token_id),
+                                **train.objective(run))
     theirs = grads(ref)
     assert abs(loss.item() - ref.item()) <= 1e-6
     for k in ("pre", "exp", "att", "p_s"):
-        torch.testing.assert_close(parts[k].mean(0) if k == "p_s" else parts[k], ref_parts[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(parts[k], ref_parts[k], rtol=0, atol=1e-6)
     assert parts["att"] > 0 and parts["p_s"].std() > 1e-4  # L_att is in the loss, p_s is not uniform
     pre, exp, att = (parts[k].item() for k in ("pre", "exp", "att"))
     assert loss.item() == pytest.approx(0.3 * pre + 0.7 * exp + 2.0 * att, rel=1e-6)
@@ -149,3 +152,45 @@ def test_refuses_what_it_cannot_train(info, tmp_path):
         (tmp_path / "run.json").write_text(json.dumps({"args": info}))
     with pytest.raises(SystemExit, match="error: "):
         hf_trainer.load_run(tmp_path)
+
+
+def test_your_loop_page_runs_and_train_py_accepts_its_cache(tiny_teacher_dir, tiny_student_dir, tmp_path,
+                                                           monkeypatch, capsys):
+    """docs/your_loop.md's code blocks, run in order as the page shows them (the model names swapped for the tiny
+    folders), write a teacher cache and take one step; train.py, given the same problem, rationale and teacher
+    name, reuses that cache as it stands: it never loads the teacher and leaves the file unchanged."""
+    page = (ROOT / "docs" / "your_loop.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(blocks) == 2 and '"meta-llama/Meta-Llama-3-8B"' in blocks[0] and '"gpt2-large"' in blocks[1]
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    for block in blocks:
+        code = block.replace('"meta-llama/Meta-Llama-3-8B"', repr(tiny_teacher_dir))
+        exec(compile(code.replace('"gpt2-large"', repr(tiny_student_dir)), "your_loop.md", "exec"), scope)
+    parts = scope["parts"]
+    assert parts["att"] > 0 and all(torch.isfinite(v).all() for v in parts.values())
+    assert all(p.grad is None for p in scope["router"].parameters())  # stepped, then zeroed
+    cached = (tmp_path / "teacher_cache.pt").read_bytes()
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "teacher_cache.pt").write_bytes(cached)
+    example = scope["examples"][0]
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({k: example[k] for k in ("id", "question", "answer")}) + "\n")
+    (out / "rationales.jsonl").write_text(json.dumps(  # the teacher's rationale for it, as train.py appends it
+        {"id": example["id"], "rationale": example["rationale"], "statement": "The answer is 12.", "phase": 1,
+         "teacher_answer": "12", "correct": True}) + "\n")
+
+    def no_teacher(name, **kwargs):
+        assert name != tiny_teacher_dir, "the teacher was loaded: the page's cache was not accepted"
+        return real_load(name, **kwargs)
+
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", no_teacher)
+    train.main(["--teacher", tiny_teacher_dir, "--student", tiny_student_dir, "--data", str(problems),
+                "--rationales", "teacher", "--method", "molsaki", "--batch-size", "1", "--max-steps", "1",
+                "--eval-sets", "", "--out", str(out)])
+    assert "reusing teacher attention cache" in capsys.readouterr().out
+    assert (out / "teacher_cache.pt").read_bytes() == cached
+    assert json.loads((out / "log.jsonl").read_text())["att"] > 0

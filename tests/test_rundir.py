@@ -21,8 +21,8 @@ from tiny_models import tiny_config
 from tiny_tokenizers import bytelevel_tokenizer
 from transformers import AutoModelForCausalLM
 
-import data
 import eval as eval_
+import teacher
 import train
 from plumbing import rundir
 
@@ -129,13 +129,13 @@ def test_signal_in_a_step_resumes_bit_for_bit(point, signum, uninterrupted, tiny
 
 def test_signal_in_teacher_stage_and_in_evaluation(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch, capsys):
     cmd = argv(tiny_teacher_dir, tiny_student_dir, tmp_path, steps=2)
-    build = data.build_attention_cache
+    build = teacher.build_attention_cache
 
     def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(data, "build_attention_cache", killed)
+    monkeypatch.setattr(teacher, "build_attention_cache", killed)
     with pytest.raises(SystemExit) as stop:
         train.main(cmd)
     err = capsys.readouterr().err

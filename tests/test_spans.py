@@ -8,8 +8,9 @@ from tiny_tokenizers import CORPUS, bytelevel_tokenizer, metaspace_tokenizer
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-import data
 import spans
+import teacher
+import train
 from plumbing import files, flags, problems
 
 PROMPT = "Question: {question}\nRationale:"
@@ -567,11 +568,11 @@ def test_teacher_cache_built_with_untiled_steps_is_refused(tmp_path, monkeypatch
     args = flags.parse_args(["--data", "builtin", "--teacher", "t", "--out", str(tmp_path), "--n-train", "3"])
     examples = problems.make_problems(3, seed=0)
     built = []
-    monkeypatch.setattr(data, "build_attention_cache", lambda model, tok, ex, meta, *a: built.append(meta) or {
+    monkeypatch.setattr(teacher, "build_attention_cache", lambda model, tok, ex, meta, *a: built.append(meta) or {
         "meta": meta, "items": {}})
-    data.teacher_cache(args, examples, lambda: (None, None))
+    train.attention_cache(args, examples, lambda: (None, None))
     assert built and built[0]["steps"] == "tiled"
     old = {k: v for k, v in built[0].items() if k != "steps"}  # a cache from before the steps tiled the text
     files.save_atomic({"meta": old, "items": {}}, tmp_path / "teacher_cache.pt")
     with pytest.raises(ValueError, match=r"differs in: steps\)"):
-        data.teacher_cache(args, examples, lambda: (None, None))
+        train.attention_cache(args, examples, lambda: (None, None))

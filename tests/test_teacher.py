@@ -17,10 +17,13 @@ import attention
 import capture
 import data
 import spans
+import teacher
 import train
-from data import (
+from data import EXP_PROMPT
+from plumbing import answers, files, flags, models, problems
+from plumbing.files import save_atomic
+from teacher import (
     CSQA_SHOTS,
-    EXP_PROMPT,
     MATH_SHOTS,
     build_attention_cache,
     cot_prompt,
@@ -28,11 +31,10 @@ from data import (
     keyword_prompt,
     load_attention_cache,
     parse_keywords,
+    split_answer,
     teacher_rationales,
     texts_hash,
 )
-from plumbing import answers, files, flags, models, problems
-from plumbing.files import save_atomic
 
 DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 MEAL = {"id": "m", "question": "Ann has 3 bags with 4 pens each. How many pens?", "answer": "12"}
@@ -74,14 +76,14 @@ def test_shots_are_right():
     for q, r, a in MATH_SHOTS:
         for lhs, rhs in re.findall(r"([\d.]+ [-+*/] [\d.]+) = ([\d.]+)", r):
             assert answers.safe_eval(lhs) == pytest.approx(float(rhs))
-        assert cut_rationale(r, {"question": q, "answer": a}) == (*data.split_answer(r), float(a))
+        assert cut_rationale(r, {"question": q, "answer": a}) == (*split_answer(r), float(a))
     for q, r, a, keywords in CSQA_SHOTS:
         choices = re.findall(r"\([a-e]\) ([^(]+?)(?= \(|$)", q.split("Answer Choices: ")[1])
         assert len(choices) == 5 and f"({a[1]}) {choices['abcde'.index(a[1])]}" == a
-        assert cut_rationale(r, {"question": q, "answer": a, "choices": choices}) == (*data.split_answer(r), a[1])
+        assert cut_rationale(r, {"question": q, "answer": a, "choices": choices}) == (*split_answer(r), a[1])
         assert 3 <= len(keywords) <= 8
         for k in keywords:  # in the rationale the student sees, without its answer statement
-            assert spans.keyword_spans(data.split_answer(r)[0], [k]), k
+            assert spans.keyword_spans(split_answer(r)[0], [k]), k
 
 
 @pytest.mark.parametrize("output, record, expected", [
@@ -180,7 +182,7 @@ def _rows(path):
 
 
 def _expected_kept(records, right1, right2):
-    return [{"id": r["id"], "rationale": data.split_answer(r["rationale"])[0], "teacher_answer": r["answer"],
+    return [{"id": r["id"], "rationale": split_answer(r["rationale"])[0], "teacher_answer": r["answer"],
              "phase": 1 if i in right1 else 2} for i, r in enumerate(records) if i in right1 | right2]
 
 
@@ -234,7 +236,7 @@ def test_rationale_file_from_before_the_cut_is_refused(six, tmp_path):
     old = {"id": six[0]["id"], "rationale": six[0]["rationale"], "phase": 1, "teacher_answer": six[0]["answer"],
            "correct": True}
     path.write_text(json.dumps(old) + "\n")
-    with pytest.raises(ValueError, match="before they were cut before their answer statement"):
+    with pytest.raises(ValueError, match="without the answer statement they were cut at"):
         teacher_rationales(NO_TEACHER, six, path)
 
 
@@ -457,7 +459,7 @@ def _no_teacher(*args, **kwargs):
 def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
     loads = _spy_loads(monkeypatch)
     args = _args(tiny_teacher_dir, tmp_path, "--rationales", "builtin")
-    examples = data.training_examples(args, _no_teacher)  # built-in rationales need no teacher
+    examples = train.training_examples(args, _no_teacher)  # built-in rationales need no teacher
     assert [(e["id"], e["rationale"]) for e in examples] == [(p["id"], p["rationale"].rsplit(" The answer is", 1)[0])
                                                             for p in problems.make_problems(9, seed=0)]
     assert loads == []
@@ -470,17 +472,17 @@ def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, mon
         assert item["A"].shape == (3, len(item["step_ids"]), len(item["word_ids"])) and len(item["word_ids"]) > 1
 
     monkeypatch.setattr(models, "load_model", _no_teacher)
-    monkeypatch.setattr(data, "build_attention_cache", _no_teacher)
+    monkeypatch.setattr(teacher, "build_attention_cache", _no_teacher)
     _, again = train.teacher_stage(args)  # reused: the teacher is not loaded
     assert again["meta"] == cache["meta"] and again["items"].keys() == cache["items"].keys()
     for k, item in cache["items"].items():
         torch.testing.assert_close(again["items"][k]["A"], item["A"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_length"):
-        data.teacher_cache(_args(tiny_teacher_dir, tmp_path, "--rationales", "builtin", "--max-length", "128"),
+        train.attention_cache(_args(tiny_teacher_dir, tmp_path, "--rationales", "builtin", "--max-length", "128"),
                            examples, _no_teacher)
     changed = [dict(examples[0], rationale="The answer is 1.")] + examples[1:]
     with pytest.raises(ValueError, match="texts"):
-        data.teacher_cache(args, changed, _no_teacher)
+        train.attention_cache(args, changed, _no_teacher)
     # a cache built before rationales were cut before their answer statement (docs/design.md, "Text layout") is
     # refused; through train.py, in one line
     before = [dict(e, rationale=p["rationale"]) for e, p in zip(examples, problems.make_problems(9, seed=0),
@@ -489,7 +491,7 @@ def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, mon
                                                                                              strict=True))
     files.save_atomic(dict(cache, meta=dict(cache["meta"], texts=texts_hash(before))), tmp_path / "teacher_cache.pt")
     with pytest.raises(ValueError, match="differs in: texts"):
-        data.teacher_cache(args, examples, _no_teacher)
+        train.attention_cache(args, examples, _no_teacher)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         train.teacher_stage(args)
@@ -506,14 +508,14 @@ def test_train_teacher_rationales_written_then_reused(tmp_path, monkeypatch):
     def teacher():  # models.generate is the fake: the model itself is never run
         return None, None
 
-    examples = data.training_examples(args, teacher)
+    examples = train.training_examples(args, teacher)
     assert fake.asked(2) == [2, 3, 4, 6, 7, 8] and fake.calls[0]["batch_size"] == 4
     # joined with the records, in record order, each rationale without its answer statement
     assert examples == [dict(records[i], rationale=records[i]["rationale"].rsplit(" The answer is", 1)[0])
                         for i in (0, 1, 2, 5, 8)]
     assert len(_rows(tmp_path / "rationales.jsonl")) == 15
     monkeypatch.setattr(models, "generate", FakeTeacher(records, set(), set(), fail_on=1))
-    assert data.training_examples(args, teacher) == examples  # resumed from the file: the teacher is not asked
+    assert train.training_examples(args, teacher) == examples  # resumed from the file: the teacher is not asked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +577,7 @@ def test_resume_drops_a_line_cut_by_a_hard_kill(six, tmp_path, monkeypatch):
 
 
 def test_teacher_keywords_are_kept_and_reused(tmp_path, monkeypatch):
-    from data import teacher_keywords
+    from teacher import teacher_keywords
 
     examples = [{"id": f"q{i}", "question": f"Where is thing {i}?", "rationale": "It is in a box."} for i in range(3)]
     calls = []

@@ -3,7 +3,6 @@ sends gradients to the router and the student's attention but never to the teach
 last good checkpoint, checkpoints are swapped atomically, two gloo processes under torchrun match one process with
 the same global batch, and `step` equals an oracle of Eq. 7. (Signals and resume: tests/test_rundir.py.)"""
 
-import argparse
 import json
 import math
 import os
@@ -100,8 +99,8 @@ def tiny_stage(args, teacher_dir):
     args.out.mkdir(parents=True, exist_ok=True)
     teacher = models.load_model(teacher_dir, attn_implementation=capture.register())
     before = {k: v.clone() for k, v in teacher[0].state_dict().items()}
-    examples = data.training_examples(args, lambda: teacher)
-    cache = data.teacher_cache(args, examples, lambda: teacher) if args.method == "molsaki" else None
+    examples = train.training_examples(args, lambda: teacher)
+    cache = train.attention_cache(args, examples, lambda: teacher) if args.method == "molsaki" else None
     return teacher[0], before, examples, cache
 
 
@@ -110,7 +109,7 @@ def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path):
                            "--method", "molsaki", "--out", str(tmp_path)])
     teacher, before, examples, cache = tiny_stage(args, tiny_teacher_dir)
     student, tok = models.load_model(tiny_student_dir, attn_implementation=capture.register())
-    feats = data.features(args, examples, tok, cache, student.config.num_hidden_layers)
+    feats = train.features(args, examples, tok, cache)
     torch.manual_seed(0)
     router = mol.StudentRouter(capture.value_dim(student.config), student.config.num_hidden_layers, args.tau2)
     with torch.no_grad():  # w = 0 at init gives the norm no gradient; a small w, as after a few steps
@@ -121,7 +120,7 @@ def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path):
     def grads(beta):  # L_att's gradient is the difference of beta 1 and beta 0
         for p in params.values():
             p.grad = None
-        loss, out = train.step(argparse.Namespace(**dict(vars(args), beta=beta)), student, router, batch, feats)
+        loss, out = train.step(student, router, batch, **dict(train.objective(args), beta=beta))
         loss.backward()
         return out, {n: p.grad.clone() for n, p in params.items()}
 
@@ -141,7 +140,7 @@ def test_attention_loss_gradients(tiny_teacher_dir, tiny_student_dir, tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert torch.equal(cache["items"][examples[0]["id"]]["A"],
-                       data.teacher_cache(args, examples, None)["items"][examples[0]["id"]]["A"])  # reused as saved
+                       train.attention_cache(args, examples, None)["items"][examples[0]["id"]]["A"])  # reused as saved
     assert not any(f["A_t"].requires_grad for f in feats)
 
 
@@ -327,7 +326,7 @@ def test_palm_filter_counts_and_gold_answers(capsys):
     for keep in ("all", "correct"):
         args = flags.parse_args(["--data", "svamp", "--data-dir", str(DATA), "--rationales", "palm", "--method",
                                "dss", "--palm-filter", keep])
-        examples = data.training_examples(args, teacher=None)  # PaLM's rationales: no teacher runs
+        examples = train.training_examples(args, None)  # PaLM's rationales: no teacher runs
         counts[keep] = len(examples)
         assert all(e["answer"] == records[e["id"]]["answer"] and e["rationale"] for e in examples)
         assert not any("The answer is" in e["rationale"] for e in examples)
@@ -348,7 +347,7 @@ def single_backward_losses(args, student, router, batch, feats, device):
     l_pre = losses.target_cross_entropy(pre, t["pre_labels"])
     if args.method == "vanilla":
         return {"loss": l_pre, "pre": l_pre}
-    groups = [f["groups"] for f in feats] if args.method == "molsaki" else None
+    groups = batch["groups"] if args.method == "molsaki" else None
     if groups:
         with capture.capture(student, groups, values=True) as cap:
             exp = student(t["exp_ids"], attention_mask=t["exp_mask"]).logits
@@ -359,15 +358,21 @@ def single_backward_losses(args, student, router, batch, feats, device):
     if args.method == "mmi":
         out["mmi"] = extra = losses.mmi_loss(pre, t["pre_labels"], exp, t["exp_labels"])
     if groups:
-        A_s = cap.stepwise()
+        A_s, A_t = cap.stepwise(), batch["A_t"]
+        L1, L2 = len(A_t[0]), len(A_s[0])
         if args.layer_map:
-            s = mol.parse_layer_map(args.layer_map, feats[0]["p_t"].shape[0], len(A_s[0]))[1]
-            p_s = mol.one_hot_weights(s, len(A_s[0])).expand(len(feats), -1)
-        else:
+            i, j = mol.parse_layer_map(args.layer_map, L1, L2)
+            p_t, p_s = torch.eye(L1)[i].expand(len(A_t), -1), torch.eye(L2)[j].expand(len(A_s), -1)
+        else:  # Eq. 4 by loops: the mean absolute difference of adjacent columns, softmax over layers
+            G = [[sum(abs(a[k, i, j + 1] - a[k, i, j]) for i in range(a.shape[1]) for j in range(a.shape[2] - 1))
+                  / max(1, a.shape[1] * (a.shape[2] - 1)) for k in range(L1)] for a in A_t]
+            p_t = torch.tensor(G).div(args.tau1).softmax(-1)
             p_s = router(cap.value_states(), t["exp_mask"])
-        pairs = [(f["A_t"], mol.mix_layers(a, p)) for f, a, p in zip(feats, A_s, p_s, strict=True)]
+        pairs = [(sum(pt[k] * a_t[k] for k in range(L1)), mol.mix_layers(a_s, ps))
+                 for a_t, pt, a_s, ps in zip(A_t, p_t, A_s, p_s, strict=True)]
         out["att"], used = losses.attention_loss(pairs)
-        out["p_s"], out["no_words"] = p_s.detach().mean(0), torch.tensor(float(len(feats) - used))
+        out["p_t"], out["p_s"] = p_t.mean(0), p_s.detach().mean(0)
+        out["no_words"] = torch.tensor(float(len(A_s) - used))
         extra = out["att"]
     out["loss"] = losses.total_loss(l_pre, l_exp, extra, args.alpha, args.beta)
     return out
@@ -381,7 +386,7 @@ def test_step_equals_one_backward_oracle(method, extra, tiny_teacher_dir, tiny_s
     _, _, examples, cache = tiny_stage(args, tiny_teacher_dir)
     attn = capture.register() if method == "molsaki" else "sdpa"
     student, tok = models.load_model(tiny_student_dir, attn_implementation=attn)
-    feats = data.features(args, examples, tok, cache, student.config.num_hidden_layers)
+    feats = train.features(args, examples, tok, cache)
     router = mol.StudentRouter(capture.value_dim(student.config), student.config.num_hidden_layers, args.tau2)
     with torch.no_grad():
         router.proj.weight.normal_(0.0, 1e-2)
@@ -396,7 +401,7 @@ def test_step_equals_one_backward_oracle(method, extra, tiny_teacher_dir, tiny_s
         loss.backward()
         return out, [None if p.grad is None else p.grad.clone() for p in params]
 
-    new, new_grads = run(lambda: train.step(args, student, router, batch, feats))
+    new, new_grads = run(lambda: train.step(student, router, batch, **train.objective(args)))
     old = single_backward_losses(args, student, router, batch, feats, torch.device("cpu"))
     old, old_grads = run(lambda: (old["loss"], old))
     assert new.keys() == old.keys()

@@ -20,6 +20,7 @@ import spans
 import train
 import walkthrough
 from plumbing import flags, models, problems
+from teacher import build_attention_cache, split_answer
 
 TOL = 6e-5  # 4 decimals printed: half a unit of the last digit, plus float noise
 DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -41,7 +42,7 @@ class RandomRouter(mol.StudentRouter):
 @pytest.fixture(scope="module")
 def example():
     p = problems.make_problems(1, seed=0)[0]  # 6 steps, 9 numbers
-    return dict(p, rationale=data.split_answer(p["rationale"])[0])
+    return dict(p, rationale=split_answer(p["rationale"])[0])
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_headers_name_the_equation_and_the_function(walked):
     assert len(headers) == 8
     for n, names in enumerate([("Text layout (docs/design.md)", "data.EXP_PROMPT"),
                                ("Eq. 2/3", "spans.example_spans"), ("App. C.2", "spans.token_groups"),
-                               ("Eq. 2", "data.build_attention_cache", "capture.capture"),
+                               ("Eq. 2", "teacher.build_attention_cache", "capture.capture"),
                                ("Eq. 4", "mol.column_gradient", "mol.teacher_layer_weights"),
                                ("Eq. 5", "mol.StudentRouter", "train.step"),
                                ("Eq. 6", "mol.mix_layers", "losses.stepwise_kl"),
@@ -216,28 +217,32 @@ def test_wide_tables_are_cut_and_say_so(walked, oracle, monkeypatch):
 
 
 def test_the_loss_is_one_call_of_train_step(loaded, example, walked, steps_run):
-    """walk calls train.step once, on data.features and data.collate of the example over data.build_attention_cache,
+    """walk calls train.step once, on data.features and data.collate of the example over teacher.build_attention_cache,
     with train.py's flags; block 8 prints that call's parts, and block 7's L_att (the equation functions on the
     cached A_t and the step's A_s and p_s) equals the step's L_att. The same call with capture.capture itself as
     read_attention gives the same parts."""
     teacher, t_tok, student, s_tok = loaded
     w = walked[0]
     assert len(steps_run) == 1
-    (args, lm, router, batch, feats), kwargs, (loss, parts) = steps_run[0]
-    assert lm is student and router is w["router"] and list(kwargs) == ["read_attention"]
-    assert vars(args) == vars(flags.parse_args([]))  # molsaki, alpha 0.5, beta 1, tau1 0.1, tau2 0.5, 512
-    cache = data.build_attention_cache(teacher, t_tok, [example], {"delimiters": args.delimiters}, args.max_length)
+    (lm, router, batch), kwargs, (loss, parts) = steps_run[0]
+    assert lm is student and router is w["router"]
+    args = flags.parse_args([])  # molsaki, alpha 0.5, beta 1, tau1 0.1, tau2 0.5, 512
+    assert kwargs.keys() == {*train.objective(args), "read_attention"}
+    assert {k: v for k, v in kwargs.items() if k != "read_attention"} == train.objective(args)
+    cache = build_attention_cache(teacher, t_tok, [example], {"delimiters": args.delimiters}, args.max_length)
     torch.testing.assert_close(w["cache"]["items"], cache["items"], rtol=0, atol=0)
-    f = data.features(args, [example], s_tok, cache, student.config.num_hidden_layers)[0]
-    assert len(feats) == 1 and feats[0] is w["feature"] and f.keys() == w["feature"].keys()
+    f = train.features(args, [example], s_tok, cache)[0]
+    assert f.keys() == w["feature"].keys()
     for key, value in f.items():
         assert torch.equal(value, w["feature"][key]) if torch.is_tensor(value) else value == w["feature"][key], key
     expected = data.collate([f], s_tok.pad_token_id)
-    assert batch.keys() == expected.keys() and all(
-        torch.equal(v, expected[k]) if torch.is_tensor(v) else v == expected[k] for k, v in batch.items())
+    assert batch.keys() == expected.keys()
+    assert batch["ids"] == expected["ids"] and batch["groups"] == expected["groups"]
+    for key in batch.keys() - {"ids", "groups"}:  # the padded tensors, and the list A_t
+        torch.testing.assert_close(batch[key], expected[key], rtol=0, atol=0)
     assert f["groups"] == w["groups_s"]
-    torch.testing.assert_close(f["p_t"], w["p_t"])  # data.features' p_t and A_t: walk's, by the equation functions
-    torch.testing.assert_close(f["A_t"], w["A_t"])
+    torch.testing.assert_close(f["A_t"], w["A_t_layers"])  # the cached A_t of the kept steps and words: walk's
+    torch.testing.assert_close(parts["p_t"], w["p_t"])  # the step's Eq. 4: walk's, by the equation functions
     assert w["step"].keys() == parts.keys()
     for key, value in parts.items():
         torch.testing.assert_close(w["step"][key], value.float().cpu(), rtol=0, atol=0)
@@ -247,7 +252,7 @@ def test_the_loss_is_one_call_of_train_step(loaded, example, walked, steps_run):
     torch.testing.assert_close(w["step"]["loss"], losses.total_loss(w["step"]["pre"], w["step"]["exp"],
                                                                    w["step"]["att"], 0.5, 1.0))
     with torch.no_grad():
-        _, again = train.step(args, student, w["router"], expected, [f])  # read_attention=capture.capture
+        _, again = train.step(student, w["router"], expected, **train.objective(args))  # capture.capture
     for key, value in again.items():
         torch.testing.assert_close(value, parts[key])
 
