@@ -1,38 +1,16 @@
-"""Evaluation: greedy answers of the student on test sets, parsed and scored (paper Table 1).
+"""Scoring a student checkpoint on the test sets: greedy answers, read and compared with gold (paper Table 1).
 
-No paper equation lives here, and the paper does not say how it reads answers (our choices: docs/design.md,
-"Evaluation"). Two modes:
-    answer  the answer task (`data.PRE_PROMPT`), greedy, up to 16 new tokens: Distilling Step-by-Step's
-            protocol, the default (the paper does not say how it reads answers). DSS's SVAMP answer task
-            predicts the equation (its label); by default the answer here is the number (answer target
-            `number`, read by parse_math). Answer target `equation` reads DSS's way: the output up to the end of
-            its first line is an arithmetic expression, its value the answer (`parse_equation`), up to 64 new
-            tokens (DSS's generation length; the longest SVAMP equation is 31 bytes).
-    cot     the rationale task (`data.EXP_PROMPT`), greedy, up to 128 new tokens, answer read from it
-            (answer target `number` only).
-
-Answers are read by answers.py (parse_math, parse_choice, is_correct). Public functions:
-    evaluate(model, tokenizer, records, mode, batch_size, max_new_tokens, name, answer_target)
-                                              -> (accuracy, items)
-    parse_equation(text) -> float | None      the value of the output's first line, stripped, as an arithmetic
-                                              expression (answers.safe_eval: numbers, + - * /, parentheses, unary
-                                              minus; never eval), or None when it is not one ("45 *", "1,200").
-    load_set(name, data_dir) -> records       a test set by name (`cli.TEST_SETS`) or a file of problems
-                                              (`data.FILE_FORMATS`); `cli.set_label(name)` names its results.
-    run(checkpoint, sets, data_dir, mode, batch_size, limit, out, dtype, answer_target) -> {set: accuracy}
-                                              Results already in `out` for the same weights, records and settings
-                                              are kept (`finished_items`): an interrupted run loses no set.
-    weights_hash(model) -> str                SHA-256 of the loaded weights (what results are recorded against).
-    parse_args(argv), main(argv)              the command line; a mistake is one line (cli.py).
-
-A record is {id, question, answer, choices?}; a record with `choices` (the choice texts, in the order
-a, b, c, ...) is scored as CSQA (whatever the answer target), any other as math. `builtin` names the built-in word
-problems `problems.make_problems(200, seed=1)`. Only the answer's new tokens are read, never the prompt.
-
-Files in `out`: eval_<set>_<mode>.jsonl (per item), beside it eval_<set>_<mode>.meta.json (what made it: the
-weights' hash, the records' hash, mode, answer target, max_new_tokens, dtype, batch size, device: results of the
-other answer target are never reused), and eval_<mode>.json, the accuracy of every set there whose results are of
-the same weights and answer target (sets scored by earlier calls included).
+No paper equation lives here. The paper does not say how it reads answers: we follow Distilling Step-by-Step (DSS),
+our choices are in docs/design.md, "Evaluation". Mode `answer` (the default) greedily writes up to 16 new tokens
+after `data.PRE_PROMPT` and reads their first number (answer target `number`) or choice; under answer target
+`equation` it writes up to 64 (DSS's generation length) and evaluates their first line as an arithmetic expression
+(DSS's SVAMP labels; `answers.safe_eval`, never eval). Mode `cot` writes up to 128 new tokens of rationale after
+`data.EXP_PROMPT` and reads the answer it states. Only the new tokens are read, and of them the first
+`answers.READ_CHARS` (2048) characters; an output that cannot be read is wrong, never an error. A record with
+`choices` is scored as CSQA, any other as math; `builtin` names the built-in word problems. In `out`:
+eval_<set>_<mode>.jsonl (per item), beside it eval_<set>_<mode>.meta.json (the hashes of the weights and records
+and the settings that made it: a rerun keeps a set whose meta matches) and eval_<mode>.json (the accuracy of every
+set there of the same weights and answer target), all strict JSON: no NaN or Infinity.
 """
 
 import hashlib
@@ -60,10 +38,11 @@ def _new_tokens(mode: str, answer_target: str) -> int:
 
 
 def parse_equation(text: str) -> float | None:
-    """The value of `text` as DSS reads an equation: its first line (up to the first newline), stripped, evaluated
-    as an arithmetic expression by answers.safe_eval (an AST walk, never eval); None when it is not one."""
+    """The value of `text` as DSS reads an equation: the first line (up to the first newline) of its first
+    answers.READ_CHARS characters, evaluated as an arithmetic expression by answers.safe_eval (an AST walk, never
+    eval); None when it is not one."""
     try:
-        return answers.safe_eval(text.split("\n", 1)[0])
+        return answers.safe_eval(text[:answers.READ_CHARS].split("\n", 1)[0])
     except ValueError:
         return None
 
@@ -139,8 +118,8 @@ def _write_results(path: Path, items: list[dict], meta: dict) -> None:
     """Results and their meta file, each renamed into place when whole; the old meta goes first, so that a kill
     never leaves results beside a meta file that is not theirs."""
     _meta_path(path).unlink(missing_ok=True)
-    for target, text in ((path, "".join(json.dumps(item) + "\n" for item in items)),
-                         (_meta_path(path), json.dumps(meta, indent=2) + "\n")):
+    for target, text in ((path, "".join(json.dumps(item, allow_nan=False) + "\n" for item in items)),
+                         (_meta_path(path), json.dumps(meta, indent=2, allow_nan=False) + "\n")):
         part = target.with_suffix(".part")
         part.write_text(text)
         part.replace(target)
@@ -155,7 +134,7 @@ def _write_summary(out: Path, mode: str, weights: str, answer_target: str = "num
         meta = json.loads(recorded.read_text()) if recorded.is_file() else None
         if meta and meta["weights"] == weights and meta.get("answer_target", "number") == answer_target:
             summary[path.name[len("eval_"):-len(f"_{mode}.jsonl")]] = _accuracy(_read_items(path))
-    (out / f"eval_{mode}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"eval_{mode}.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
 def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_size: int = 16,

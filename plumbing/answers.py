@@ -1,35 +1,27 @@
-"""Reading a model's answer: the number or the choice an output states, and whether it is right.
+"""Reading a model's answer: the number or the choice an output states, the value of an arithmetic expression, and
+whether an answer is right.
 
-No paper equation lives here; eval.py scores with these functions and data.py reads the teacher's answers with
-them (so neither imports the other). The paper does not say how it reads answers (our choices: docs/design.md,
-"Evaluation"). Two modes: `answer`, the output of the answer task; `cot`, a rationale that ends with its answer
-statement. Two answer targets (`TARGETS`) say what the answer task writes: `number`, the gold number (Eq. 1 with
-a = the gold answer, read by `parse_math`); `equation`, an arithmetic expression whose value is the answer (DSS's
-SVAMP labels, "( 45.0 * 10.0 )"), evaluated by eval.parse_equation with `safe_eval`.
-
-Public functions:
-    parse_math(text, mode) -> int | float | None   thousands commas removed; answer mode: the first number;
-                                              cot mode: the number after the last "answer is", else the last;
-                                              an int when it has no decimals (exact, up to float's range),
-                                              else a float.
-    parse_choice(text, choices, mode) -> str | None   the first "(x)" letter a-e, else the letter of the
-                                              choice text found first in the output (cot mode: both looked
-                                              for after the last "answer is" when there is one).
-    is_correct(pred, gold, task) -> bool      math: pred == gold when both are integers (exact), else
-                                              |pred - gold| < 1e-4; csqa: same letter as "(c) ...".
-    check_mode(mode)                          ValueError unless mode is "answer" or "cot".
-    check_target(target)                      ValueError unless target is "number" or "equation".
-    format_number(x) -> str                   a number as answer text: "42", "0.5", "0.666667" (at most 6
-                                              decimals, half to even); ints and Decimals exactly.
+The paper does not say how it reads answers; these are our choices (docs/design.md, "Evaluation"). eval.py scores
+with them and data.py reads the teacher's answers with them, so neither imports the other. Two modes (`MODES`):
+`answer`, the output of the answer task, read for its first number or choice; `cot`, a rationale, read for what
+follows its last "answer is". Two answer targets (`TARGETS`) say what the answer task writes: `number`, the gold
+number (Eq. 1 with a = the gold answer); `equation`, an arithmetic expression whose value is the answer (DSS's SVAMP
+labels, "( 45.0 * 10.0 )"), evaluated by `safe_eval`, an AST walk, never Python's eval. Integers are read and
+compared exactly, other numbers within 1e-4. A reader of model output reads only its first `READ_CHARS` characters:
+2048, 16 a token over cot's 128 new tokens, where SmolLM2's tokenizer gives SVAMP's questions 3.9 characters a token
+and GSM8K's rationales 2.3 (its longest token has 81). It returns None for what it cannot read (no number, a number
+or a value beyond float's range, an expression nested too deep for Python): no string makes it raise.
 """
 
 import ast
 import math
 import re
+import warnings
 from decimal import Context, Decimal
 
 MODES = ("answer", "cot")
 TARGETS = ("number", "equation")  # what the answer task writes: the gold number, or an expression (DSS's SVAMP)
+READ_CHARS = 2048  # what a reader reads of an output; also keeps int() below Python's 4300-digit limit
 NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:\.\d+)?|\.\d+)")  # "5-3" is 5 and 3; "x = -3" is -3
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
@@ -54,15 +46,19 @@ def _after_last_answer_is(text: str) -> str | None:
     return text[hits[-1].end():] if hits else None
 
 
-def _number(text: str) -> int | float:  # an int when `text` has no decimals and is within float's range
+def _number(text: str) -> int | float | None:
+    """`text` (a NUMBER match) as an int when it has no decimals, else a float; None beyond float's range."""
     value = float(text)
-    return int(text) if "." not in text and math.isfinite(value) else value
+    if not math.isfinite(value):
+        return None
+    return value if "." in text else int(text)
 
 
 def parse_math(text: str, mode: str = "answer") -> int | float | None:
-    """The number a model's output answers with, or None when it has none."""
+    """The number a model's output answers with (thousands commas removed; answer mode: the first number; cot mode:
+    the number after the last "answer is", else the last; an int when written without decimals), or None."""
     check_mode(mode)
-    text = THOUSANDS.sub("", text)
+    text = THOUSANDS.sub("", text[:READ_CHARS])
     if mode == "answer":
         found = NUMBER.search(text)
         return _number(found.group()) if found else None
@@ -75,8 +71,10 @@ def parse_math(text: str, mode: str = "answer") -> int | float | None:
 
 
 def parse_choice(text: str, choices: list[str], mode: str = "answer") -> str | None:
-    """The letter ("a".."e") a model's output picks, or None."""
+    """The letter ("a".."e") a model's output picks: the first "(x)", else the choice whose text comes first (cot
+    mode: both looked for after the last "answer is" first); None when it picks none."""
     check_mode(mode)
+    text = text[:READ_CHARS]
     tail = _after_last_answer_is(text) if mode == "cot" else None
     for part in ([tail] if tail is not None else []) + [text]:
         found = LETTER.search(part)
@@ -91,7 +89,8 @@ def parse_choice(text: str, choices: list[str], mode: str = "answer") -> str | N
 
 
 def is_correct(pred, gold: str, task: str) -> bool:
-    """Whether a parsed prediction matches the gold answer string."""
+    """Whether a parsed prediction matches the gold answer string: math, equal when both are integers, else within
+    1e-4; csqa, the letter of gold's "(c) ..."."""
     if task == "math":
         gold = _number(gold.replace(",", ""))
         if isinstance(pred, int) and isinstance(gold, int):
@@ -117,18 +116,27 @@ def format_number(x: float | int | Decimal) -> str:
 
 
 def safe_eval(expr: str) -> float:
-    """Value of `expr` built from numbers, + - * /, parentheses and unary minus; walks the AST, never eval."""
+    """The value of `expr` built from numbers, + - * /, parentheses and unary minus; walks the AST, never eval.
+    ValueError, and no other error, when it is anything else: other syntax, a division by zero, a value beyond
+    float's range at any step, nesting too deep for Python's parser or recursion (about a thousand operators)."""
 
-    def walk(node):
+    def walk(node) -> float:
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -walk(node.operand)
-        raise ValueError(f"not allowed in an arithmetic expression: {ast.dump(node)[:60]}")
+            value = float(node.value)
+        elif isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            value = _OPS[type(node.op)](walk(node.left), walk(node.right))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            value = -walk(node.operand)
+        else:
+            raise ValueError(f"not allowed in an arithmetic expression: {type(node).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"beyond float's range: {value}")
+        return value
 
     try:
-        return walk(ast.parse(expr.strip(), mode="eval").body)
-    except (SyntaxError, ZeroDivisionError, OverflowError) as e:
-        raise ValueError(f"cannot evaluate {expr!r}: {e}") from None
+        with warnings.catch_warnings():  # "5x": Python's SyntaxWarning on the way to the SyntaxError
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr.strip(), mode="eval")
+        return walk(tree.body)
+    except (SyntaxError, ZeroDivisionError, OverflowError, RecursionError, MemoryError) as e:
+        raise ValueError(f"cannot evaluate {expr[:60]!r}: {type(e).__name__}: {str(e)[:100]}") from None

@@ -548,3 +548,31 @@ def test_answer_target_equation_on_every_math_set(tmp_path, monkeypatch):
     accuracies = ev.main(["--checkpoint", str(ckpt), "--sets", ",".join(sets), "--data-dir", str(DATA), "--limit",
                           "3", "--batch-size", "8", "--answer-target", "equation"])
     assert accuracies == {"svamp": 2 / 3, "singleeq": 2 / 3, "asdiv": 2 / 3, "gsm8k": 2 / 3, "mine": 1.0}
+
+
+def strict_json(text):
+    """JSON as strict readers take it: NaN, Infinity and -Infinity are refused."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("target", answers.TARGETS)
+def test_a_degenerate_output_is_wrong_not_an_error(tmp_path, monkeypatch, target):
+    """Outputs past what Python parses (17 of SmolLM2's 64-dash tokens, a thousand additions, deep parentheses) or
+    past float's range are scored wrong, beside a right one, under either answer target; no NaN or Infinity is
+    written to the results, their meta or the summary."""
+    degenerate = [" " + "-" * 64 * 17 + "1", " " + "1+" * 1000 + "1", "(" * 1000 + "45 * 10" + ")" * 1000,
+                  " " + "9" * 400, " 1e308 * 10", " 1e308 * 10 - 1e308 * 10", " 1e999"]
+    monkeypatch.setattr(ev, "generate", fake_generator([" 450", *degenerate], []))
+    ckpt = tmp_path / "ckpt"
+    save_tiny_checkpoint(ckpt)
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": f"Q{k}?", "answer": 450} for k in range(8)])
+    assert ev.main(["--checkpoint", str(ckpt), "--sets", str(mine), "--answer-target", target]) == {"mine": 1 / 8}
+    items = [strict_json(line) for line in (ckpt / "eval_mine_answer.jsonl").read_text().splitlines()]
+    assert [i["correct"] for i in items] == [True] + [False] * 7
+    if target == "equation":
+        assert [i["parsed"] for i in items] == [450] + [None] * 7
+    assert items[4]["parsed"] is None  # "99...9", 400 digits: no number within float's range
+    assert strict_json((ckpt / "eval_mine_answer.meta.json").read_text())["answer_target"] == target
+    assert strict_json((ckpt / "eval_answer.json").read_text()) == {"mine": 1 / 8}
