@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import data
 import eval as ev
-from plumbing import answers
+from plumbing import answers, problems
 from plumbing.models import generate
 
 DATA = Path(os.environ.get("MOLSAKI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -234,7 +234,6 @@ def save_tiny_checkpoint(folder):
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    problems = pytest.importorskip("problems")
     ckpt = tmp_path / "ckpt"
     model, tok = save_tiny_checkpoint(ckpt)
     accuracies = ev.main(["--checkpoint", str(ckpt), "--sets", "builtin", "--limit", "8", "--batch-size", "3"])
