@@ -628,7 +628,28 @@ def _compare(runs, col, dss):
             "hi": boot["hi"], "p_bootstrap": boot["p"], "mcnemar": mcnemar}
 
 
-def _setting_results(out, d):
+def svamp_overlap(data_dir=None):
+    """The ids of SVAMP's test items (DSS's split) whose gold equation, DSS's label, is verbatim the label of a
+    training item; None when the data cannot be read here."""
+    import data  # with torch: only when a report has SVAMP to split
+
+    try:
+        train, test = (data.load_dataset("svamp", split, data_dir, equations=True) for split in ("train", "test"))
+    except (OSError, ValueError) as e:  # no data directory, nothing fetchable (DataUnavailable), a damaged file
+        print(f"[reproduce] no SVAMP overlap: {e}", file=sys.stderr)
+        return None
+    labels = {r["equation"] for r in train}
+    return {r["id"] for r in test if r["equation"] in labels}
+
+
+def _overlap(items, ids):
+    """Accuracy of one run's SVAMP answer items on the overlap `ids` and on the rest."""
+    parts = {"overlap": {i: c for i, c in items.items() if i in ids},
+             "rest": {i: c for i, c in items.items() if i not in ids}}
+    return {k: _accuracy(v) for k, v in parts.items() if v}
+
+
+def _setting_results(out, d, overlap=None):
     wall = {}
     if (out / "reproduce.log.jsonl").exists():
         for row in _read_jsonl(out / "reproduce.log.jsonl", appended=True):
@@ -651,6 +672,8 @@ def _setting_results(out, d):
                           "versions": info.get("versions"), "device": info.get("device"),
                           "wall_s": round(wall[f"{d.name}/{sub.name}"], 1) if f"{d.name}/{sub.name}" in wall else None,
                           **_training(run["log"])}
+        if overlap is not None and "svamp/answer" in run["items"]:
+            runs[sub.name]["svamp_overlap"] = _overlap(run["items"]["svamp/answer"], overlap)
     columns = sorted({c for r in runs.values() for c in r["accuracy"]}, key=_column_key)
     paper = _paper(d.name)
     rows = PAPER[paper]["rows"] if paper else {}
@@ -687,6 +710,11 @@ def _header(col):
     return name if mode == "answer" else f"{name} ({mode})"
 
 
+def _calculator(method, col):
+    """† on a `-eq` method's answer-mode number outside SVAMP: an equation computed by the evaluator."""
+    return "†" if method.endswith(EQ) and col.endswith("/answer") and not col.startswith("svamp/") else ""
+
+
 def _diff_row(name, col, v):
     pairs = ", ".join(f"{a}:{b}" for a, b in v["pairs"])
     mc = ", ".join(f"{x['p']:.3g} ({x['b']}/{x['c']})" for x in v["mcnemar"])
@@ -697,12 +725,13 @@ def _diff_row(name, col, v):
 def _markdown(results):
     lines = [f"# Results: `{results['dir']}`", "",
              "Accuracy in % of the test items. `answer`: the answer task, greedy, 16 tokens, its first number "
-             "(Distilling Step-by-Step's protocol, but DSS's SVAMP answer task predicts the equation: that is the "
-             "`-eq` runs', 64 tokens, the equation's value; the paper does not say how it reads answers); "
-             "`(cot)`: the rationale task, "
-             "its answer read after the last \"answer is\", else its last number. Paper numbers: mean of three "
-             "seeds; its SingleEq and ASDiv are 108- and 406-item subsets (here: the full sets). A run still in "
-             "progress shows the sets it has finished.", ""]
+             "(Distilling Step-by-Step's protocol; the paper does not say how it reads answers); `(cot)`: the "
+             "rationale task, its answer read after the last \"answer is\", else its last number. A `-eq` run "
+             "(`--answer-target equation`, DSS's SVAMP label) measures equation-writing accuracy: it writes an "
+             "expression (64 tokens) and the evaluator computes its value. Outside SVAMP, where the label is not "
+             "the data set's own, that is calculator-assisted (marked †): not comparable with the number-target runs "
+             "or the paper's rows. Paper numbers: mean of three seeds; its SingleEq and ASDiv are 108- and 406-item "
+             "subsets (here: the full sets). A run still in progress shows the sets it has finished.", ""]
     for name, s in results["settings"].items():
         cols, runs = s["columns"], s["runs"]
         lines += [f"## {name}", ""]
@@ -715,6 +744,7 @@ def _markdown(results):
             for col in cols:
                 e = entries.get(col)
                 cell = "–" if e is None else _pct(e["mean"]) + (f" ± {_pct(e['sd'])}" if e["sd"] is not None else "")
+                cell += _calculator(method, col) if e else ""
                 cells.append(cell + (f" ({e['paper']:.1f})" if e and e["paper"] is not None else ""))
             seeds = next((e["seeds"] for e in entries.values()), [])
             lines.append(f"| {method} | {','.join(map(str, seeds)) if method not in BASELINES else '–'} | "
@@ -746,10 +776,23 @@ def _markdown(results):
         lines += ["", "### Each run: accuracy [95% Wilson interval]", "",
                   "| run | " + " | ".join(map(_header, cols)) + " |", "|---|" + "---|" * len(cols)]
         for r in order:
-            acc = runs[r]["accuracy"]
+            acc, method = runs[r]["accuracy"], runs[r]["method"]
             lines.append(f"| {r} | " + " | ".join(
-                f"{_pct(acc[c]['acc'])} [{_pct(acc[c]['wilson'][0])}, {_pct(acc[c]['wilson'][1])}]" if c in acc else "–"
-                for c in cols) + " |")
+                f"{_pct(acc[c]['acc'])}{_calculator(method, c)} [{_pct(acc[c]['wilson'][0])}, "
+                f"{_pct(acc[c]['wilson'][1])}]" if c in acc else "–" for c in cols) + " |")
+        split = [r for r in order if "svamp_overlap" in runs[r]]
+        if split and results["svamp_overlap"] is not None:
+            n = len(results["svamp_overlap"])
+            lines += ["", "### SVAMP answer mode: test items whose gold equation is a training label", "",
+                      f"{n} of SVAMP's test items (Distilling Step-by-Step's split) have a gold equation that is, "
+                      "verbatim, the label of a training item; every SVAMP number in answer mode above mixes them "
+                      "with the rest. Accuracy [95% Wilson interval] on each part:", "",
+                      "| run | all | overlap | rest |", "|---|---|---|---|"]
+            for r in split:
+                o, a = runs[r]["svamp_overlap"], runs[r]["accuracy"]["svamp/answer"]
+                cells = [f"{_pct(x['acc'])} [{_pct(x['wilson'][0])}, {_pct(x['wilson'][1])}] (n={x['n']})" if x else "–"
+                         for x in (a, o.get("overlap"), o.get("rest"))]
+                lines.append(f"| {r} | " + " | ".join(cells) + " |")
         trained = [r for r in order if runs[r]["seed"] is not None]
         lines += ["", "### Provenance and time", "",
                   "`train s`: the sum of the step times in log.jsonl; `wall s`: every command of the run "
@@ -861,8 +904,12 @@ def report(out):
     out = Path(out)
     if not out.is_dir():
         raise GridError(f"{out}: {'not a directory' if out.exists() else 'no such directory'} (the grid's --out)")
-    settings = {d.name: _setting_results(out, d) for d in sorted(p for p in out.iterdir() if p.is_dir())}
-    results = {"dir": str(out), "n_boot": N_BOOT, "settings": {k: v for k, v in settings.items() if v["runs"]}}
+    dirs = sorted(p for p in out.iterdir() if p.is_dir())
+    has_svamp = any(d.glob("*/eval_svamp_answer.jsonl") for d in dirs)
+    overlap = svamp_overlap() if has_svamp else None
+    settings = {d.name: _setting_results(out, d, overlap) for d in dirs}
+    results = {"dir": str(out), "n_boot": N_BOOT, "settings": {k: v for k, v in settings.items() if v["runs"]},
+               "svamp_overlap": sorted(overlap) if overlap is not None else None}
     if not results["settings"]:
         raise GridError(f"{out} holds no evaluated run (no <setting>/<run>/eval_<set>_<mode>.jsonl with items): "
                         "not a grid's --out, or a grid that has evaluated nothing yet")

@@ -443,6 +443,43 @@ def test_report_of_a_synthetic_grid(tmp_path):
     assert "abababababab"[:10] + " (changed)" in md and "2: 0.750, 1: 0.250" in md
 
 
+def test_report_splits_svamp_at_the_label_overlap_and_marks_calculated_numbers(tmp_path, monkeypatch):
+    """Every SVAMP answer-mode number is split into the test items whose gold equation is a training label and the
+    rest (counted by hand here); a -eq run's answer-mode numbers outside SVAMP carry the calculator mark."""
+    correct = {"dss-s0": "1100110011", "dss-eq-s0": "1110000001"}
+    for run, bits in correct.items():
+        d = tmp_path / reproduce.SMALL / run
+        d.mkdir(parents=True)
+        for name in ("svamp", "singleeq"):
+            (d / f"eval_{name}_answer.jsonl").write_text("".join(
+                json.dumps({"id": f"svamp-test-{i}" if name == "svamp" else f"singleeq-{i}", "correct": b == "1"})
+                + "\n" for i, b in enumerate(bits)))
+    monkeypatch.setattr(reproduce, "svamp_overlap", lambda: {"svamp-test-0", "svamp-test-1", "svamp-test-5"})
+    results = reproduce.report(tmp_path)
+    runs = results["settings"][reproduce.SMALL]["runs"]
+    assert results["svamp_overlap"] == ["svamp-test-0", "svamp-test-1", "svamp-test-5"]
+    for run, overlap, rest in (("dss-s0", (3, 3), (3, 7)), ("dss-eq-s0", (2, 3), (2, 7))):  # (right, n) by hand
+        split = runs[run]["svamp_overlap"]
+        assert (split["overlap"]["k"], split["overlap"]["n"]) == overlap
+        assert (split["rest"]["k"], split["rest"]["n"]) == rest
+        assert "singleeq/answer" in runs[run]["accuracy"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| dss-eq-s0 | 40.0 [16.8, 68.7] (n=10) | 66.7 [20.8, 93.9] (n=3) | 28.6 [8.2, 64.1] (n=7) |" in md
+    assert "| dss-eq-s0 | 40.0 [" in md and "| dss-eq-s0 | 40.0† [" not in md  # SVAMP: the label's own set
+    assert re.search(r"\| dss-eq-s0 \| 40\.0 \[[^|]*\| 40\.0† \[", md)  # SingleEq: computed by the evaluator
+    assert "| dss-s0 | 60.0 [" in md and "60.0†" not in md
+
+
+@pytest.mark.skipif(not (Path(os.environ.get("MOLSAKI_DATA", "/nonexistent")) / "svamp").is_dir(),
+                    reason="needs the SVAMP files ($MOLSAKI_DATA)")
+def test_svamp_overlap_is_the_test_labels_found_among_the_training_labels():
+    root = Path(os.environ["MOLSAKI_DATA"]) / "svamp" / "distilling_step_by_step"
+    train, test = ([json.loads(line)["label"] for line in (root / f"svamp_{split}.json").read_text().splitlines()
+                    if line.strip()] for split in ("train", "test"))
+    expected = {f"svamp-test-{i}" for i, label in enumerate(test) if label in set(train)}
+    assert reproduce.svamp_overlap() == expected and len(expected) == 44 and len(test) == 200
+
+
 def test_report_pairs_equation_target_runs(tmp_path):
     """The equation preset's runs (dss-eq, molsaki-eq) in the small grid's setting: each -eq method against dss-eq
     (the same target) and against its own number-target method (vs_number), on the same items, seed with seed."""
