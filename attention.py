@@ -5,20 +5,16 @@ step s and critical word w:
 
     A[s, w] = mean_h  sum_{i in steps[s]}  sum_{j in words[w]}  P[h, i, j]          -> [S, W]
 
-Public functions
-- `stepwise_attention(probs, steps, words)`: the definition, for one example and one layer.
-- `stepwise_from_attentions(attentions, groups)`: the naive route, from eager `output_attentions`.
-- `stepwise_from_attentions_batched(attentions, groups)`: the same with membership matmuls (the benchmark's
-  naive route): rows [B, S, N] @ mean_h P [B, N, N] @ word membership [B, N, W].
-- `critical_probs(query, key, pi, cols, bias, scaling)`: the identity the fast route (capture.py) rests on, for one
-  layer: A needs P only on the critical tokens, and P on a subset of the keys is the softmax over that subset
-  times the subset's total share `pi`.
+    stepwise_attention(probs [H, N, N], steps, words) -> A [S, W]                   Eq. 2/3, one example and layer
+    stepwise_from_attentions(L x [B, H, N, N], groups) -> B x [L, S, W]             the naive route, eager attentions
+    stepwise_from_attentions_batched(L x [B, H, N, N], groups) -> B x [L, S, W]     the same, batched (bench.py)
+    critical_probs(query, key, pi, cols, bias, scaling) -> [B, N, K]                P on the K critical tokens only
 
-This file imports torch alone and can be copied on its own; capture.py computes the same A during an ordinary
-forward pass, without any [B, H, N, N] tensor.
-
-Token groups (`steps`, `words`) are lists of token positions, one list per step / critical word,
-as `spans.encode` gives them; in a padded batch they must be positions in the padded row.
+`critical_probs` is the identity the fast route (capture.py) rests on: P on a subset of the keys is the softmax over
+that subset times the subset's total share `pi`. This file imports torch alone and can be copied on its own;
+capture.py computes the same A during an ordinary forward pass, without any [B, H, N, N] tensor. Token groups
+(`steps`, `words`) are lists of token positions, one list per step / critical word, as `spans.encode` gives them;
+in a padded batch they must be positions in the padded row.
 """
 
 import torch

@@ -1,35 +1,26 @@
 """The fast capture of Eq. 2 (teacher) and Eq. 3 (student): the stepwise attention A [S, W] of every layer, for a
 whole batch, during one ordinary forward pass. attention.py holds the definition; this module computes the same.
 
-Public functions
-- `register() -> str`: register the capturing attention with transformers' AttentionInterface (once; calling it
-  again changes nothing) and return its name, the `attn_implementation` to pass to `from_pretrained` /
-  `models.load_model` (or to `model.set_attn_implementation`). Importing this module registers nothing.
-- `capture(model, groups, values=False)`: a context manager; the `Capture` it yields holds, after one forward pass
-  of `model`, per layer A [B, S, W] (`stepwise()`: per example [L, S_b, W_b]) and, with values=True, each
-  layer's value states (`value_states()`: [B, L, N, d]), the input of the student router (Eq. 5).
-- `value_dim(config) -> int`: d of those value states (key-value heads x head size), the router's width.
+    register() -> attn_implementation name                 to load a model with (`models.load_model`); idempotent
+    capture(model, groups, values=False) as cap            around one forward pass of that model
+        cap.stepwise() -> per example [L, S_b, W_b]         Eq. 2 / Eq. 3, every layer
+        cap.value_states() -> [B, L, N, d]                  Eq. 5's input (values=True)
+    value_dim(config) -> d                                  the router's width (key-value heads x head size)
 
 How: A needs P only on the critical tokens (the K tokens of an example's critical words), and P on a subset of the
 keys is the softmax over that subset times the subset's total share `pi` (`attention.critical_probs`). The layer's
 own SDPA call gives `pi`, with one more value column that is 1 on critical tokens; one matmul gives the
 [B, H, N, K] logits on the critical tokens. No [B, H, N, N] tensor ever exists, and backward keeps nothing of size
-N x K: training runs `_CriticalProbs`, `attention.critical_probs` by blocks of query rows, one matmul per key-value
-head, with its gradient written by hand (a test checks one against the other).
+N x K (`_CriticalProbs`: by blocks of query rows, its gradient by hand, checked against attention.py by a test).
 
-Outside a `capture` block the registered attention is plain SDPA. It is registered with `sdpa_mask`, so it receives
-exactly the mask plain SDPA receives (None where `is_causal` serves: no padding and no sliding window that cuts the
-text). The layer's SDPA call runs in the dtype of the query (bf16 under autocast on CUDA); the logits on critical
-tokens, their softmax and the sums over steps and words run in float32. A is pre-dropout: under attention dropout a
-second SDPA call, without dropout, gives `pi`.
-
-Layers on several devices (a teacher loaded with a device map, `models.load_model(..., device_map=...)`): the
-index tensors are filled once on the host and copied once to each device a layer's query arrives on; the critical
-bias is built per (mask, device); each layer's A (and value states) stays on its layer's device until `stepwise` /
-`value_states` gathers them on the first layer's device.
-
-Token groups (`steps`, `words`) are lists of token positions, one list per step / critical word, as `spans.encode`
-gives them; in a padded batch they must be positions in the padded row.
+Choices: importing this module registers nothing. Outside a `capture` block the registered attention is plain SDPA,
+and it receives exactly the mask plain SDPA receives (None where `is_causal` serves: no padding and no sliding
+window that cuts the text). The layer's SDPA call runs in the dtype of the query (bf16 under autocast on CUDA); the
+logits on critical tokens, their softmax and the sums over steps and words run in float32. A is pre-dropout: under
+attention dropout a second SDPA call, without dropout, gives `pi`. Under a device map each layer's A (and value
+states) stays on its layer's device until `stepwise` / `value_states` gathers them on the first layer's. Token
+groups (`steps`, `words`) are lists of token positions, one list per step / critical word, as `spans.encode` gives
+them; in a padded batch they must be positions in the padded row.
 """
 
 import weakref

@@ -1,6 +1,5 @@
 """Losses: Eq. 1 (L_pre, L_exp), Eq. 6 (L_att), Eq. 7 (the total) and the MMI baseline (paper §4.1).
 
-Public functions:
     target_cross_entropy(logits [B, N, V], labels [B, N]) -> scalar        Eq. 1
     stepwise_kl(A_t [S, W], A_s [S, W]) -> scalar                          Eq. 6, one example
     attention_loss([(A_t, A_s), ...]) -> (scalar, number of examples used) Eq. 6, mean over examples

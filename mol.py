@@ -1,13 +1,11 @@
 """Mixture of Layers (MoL): the layer weights of Eq. 4 (teacher) and Eq. 5 (student), and their use in Eq. 6.
 
-Public functions:
-    column_gradient(A [L, S, W]) -> G [L]                  Eq. 4, the mean column gradient of each layer
-    teacher_layer_weights(A [L, S, W], tau1) -> p_t [L]    Eq. 4, softmax(G / tau1), a constant
-    StudentRouter(dim, n_layers, tau2)(values [B, L, N, d], mask [B, N]) -> p_s [B, L]   Eq. 5, learnable;
-                                                           `.literal(values, mask)`: the same, term by term
-    mix_layers(A [L, S, W], p [L]) -> [S, W]               the weighted sums that open Eq. 6
-    parse_layer_map(spec, n_teacher, n_student) -> (t, s)  the SL ablation (Table 2), "T:S" 1-based or "last"
-    one_hot_weights(index, n) -> [n]                       the weight vector that replaces p_t / p_s under SL
+    column_gradient(A [L, S, W]) -> G [L]                                                Eq. 4, mean column gradient
+    teacher_layer_weights(A [L, S, W], tau1) -> p_t [L]                                  Eq. 4, a constant
+    StudentRouter(dim, n_layers, tau2)(values [B, L, N, d], mask [B, N]) -> p_s [B, L]   Eq. 5, learnable
+    mix_layers(A [L, S, W], p [L]) -> [S, W]                                             Eq. 6, its opening sums
+    parse_layer_map(spec, n_teacher, n_student) -> (t, s)                                Table 2, SL: "T:S" or "last"
+    one_hot_weights(index, n) -> [n]                                                     Table 2, SL: replaces p_t / p_s
 
 Choices the paper leaves open:
 - G = 0 for a layer when there are fewer than two critical words (W < 2) or no step (S == 0); if every

@@ -1,25 +1,22 @@
 """Index sets of Eq. 2 and Eq. 3: reasoning steps (M1 / N1) and critical words (M2 / N2), paper §3.2 and App. C.
 
-Steps and critical words are character spans `(start, end)` of one text, found once and shared by the
-teacher and the student (paper App. C.2); each model's tokenizer then maps them to its own token indices.
+Steps and critical words (numerals for math tasks, the teacher's keywords for CSQA) are character spans
+`(start, end)` of one text, found once and shared by the teacher and the student (paper App. C.2); each model's
+tokenizer then maps them to its own token indices.
 
-- `step_spans(segment, offset, delimiters)`: the sentences of one segment (question or rationale).
-- `number_spans(text, start, end)`: numerals, the critical words of math tasks.
-- `keyword_spans(text, keywords, start, end)`: teacher keywords, the critical words of CSQA.
-- `example_spans(question, rationale, prompt, keywords, delimiters)`: `(text, steps, words)` of one example.
-- `step_tiles(steps, length)`: the characters each step owns (Eq. 2: the steps tile the whole text).
-- `token_groups(text, offsets, spans, by)`: span id -> token indices, for the spans that count.
-- `align(*kept)`: the span ids that count for every model, in text order.
-- `encode(tokenizer, text, steps, words, max_length)`: `(input_ids, step_tokens, word_tokens)`.
+    example_spans(question, rationale, prompt, keywords, delimiters) -> (text, steps, words)   Eq. 2/3, M and N
+    step_tiles(steps, length) -> [(start, end)]            Eq. 2: the characters each step owns (they tile the text)
+    encode(tokenizer, text, steps, words, max_length) -> (input_ids [N], {id: tokens}, {id: tokens})   App. C.2
+    align(*kept) -> [id]                                   App. C.2: the ids both models keep, so one [S, W]
 
 Choices the paper leaves open (docs/design.md, "Steps", "Critical words", "Tokens and identical shape"):
 - numerals use ASCII digits only (`[0-9]` for `\\d`);
 - a keyword matches case-insensitively where no letter, digit or "_" touches either end, and any run of
   whitespace matches a space inside a multi-word keyword; when matches of two keywords overlap, the
   earlier-starting one is kept, then the longer one;
-- a step is found as a sentence (`step_spans`), but owns every character from its start to the next step's start
-  (the first from character 0, the last to the end of the text: `step_tiles`), so every token, the template's,
-  BOS and whitespace-only ones included, is in exactly one step (Eq. 2: M1 covers tokens 0 .. M-1);
+- a step is found as a sentence, but owns every character from its start to the next step's start (the first from
+  character 0, the last to the end of the text), so every token, the template's, BOS and whitespace-only ones
+  included, is in exactly one step (Eq. 2: M1 covers tokens 0 .. M-1);
 - a step or word counts for a model only if every non-space character of it (of its tile, for a step) lies
   inside a kept (non-special, non-truncated) token and it got at least one token.
 """

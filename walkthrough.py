@@ -3,31 +3,17 @@
     python walkthrough.py                                  # SVAMP svamp-train-0, PaLM rationale
     python walkthrough.py --example svamp-train-5 --teacher gemma3-270m --student smollm2-135m
 
-It prints, for one SVAMP training item and its PaLM rationale (cut before "The answer is", data.py), each quantity of
-one MoLSAKI step under a header naming its equation and the function that computes it (a place for a breakpoint):
-the text (docs/design.md, "Text layout"), the steps and critical words as character spans (Eq. 2/3), their token
-groups under each tokenizer (App. C.2), A_t of two teacher layers (Eq. 2), G and p_t (Eq. 4), p_s of a fresh router
-(Eq. 5), the mixed A_t and A_s, their row softmaxes and L_att (Eq. 6), and the loss of the step (Eq. 1, Eq. 7).
-Numbers have 4 decimals; tables show at most 8 steps x 10 words (and say when they cut).
+For one SVAMP training item and its PaLM rationale (cut before "The answer is", data.py) it prints eight blocks, each
+headed by its equation and the function that computes it (a place for a breakpoint): the text (docs/design.md, "Text
+layout"), the steps and critical words as character spans (Eq. 2/3), their token groups under each tokenizer (App.
+C.2), A_t of the first and last teacher layer (Eq. 2), G and p_t (Eq. 4), p_s of a fresh router (Eq. 5), the mixed
+A_t and A_s, their row softmaxes and L_att (Eq. 6), and the loss of the step (Eq. 1, Eq. 7). Numbers have 4
+decimals; tables show at most 8 steps x 10 words (and say when they cut).
 
-Public functions:
-    walk(teacher, t_tok, student, s_tok, example, tau1, tau2, alpha, beta, max_length) -> dict of every quantity
-    report(w) -> str                              the printed form of walk's dict
-    svamp_example(example_id, data_dir) -> dict   a SVAMP train record with its PaLM rationale
-    parse_args(argv), main(argv)
-
-The flow is train.py's on a batch of this one example, under no_grad (nothing is trained):
-    1. teacher.build_attention_cache: the teacher cache of the example (capture.capture, logits_to_keep=1), A_t per
-       teacher layer [L1, S, W];
-    2. data.features and data.collate on that cache: the example's features and micro-batch, as train.py's loop
-       builds them (task ids and labels, the student's token groups, the mixed A_t and p_t);
-    3. one call of train.step (Eq. 7) on them, with train.py's flags (flags.parse_args) but tau1, tau2, alpha, beta
-       and max_length as given, and a fresh router (mol.StudentRouter, as at step 0); its read_attention is
-       capture.capture, with the record kept so that the step's own A_s, value states and p_s can be shown.
-L_pre, L_exp, L_att and the total of block 8 are that call's parts. The blocks before it recompute each equation
-from the cached per-layer A_t and the step's A_s and p_s with the equation functions (mol.column_gradient,
-mol.teacher_layer_weights, mol.mix_layers, losses.stepwise_kl), so block 7's L_att is the step's L_att term by term.
-Both models must use the capturing attention (models.load_model(..., attn_implementation=capture.register())).
+Nothing is trained: the loss is one call of train.step (Eq. 7) under no_grad, with train.py's flags, a fresh router
+(as at step 0) and the example's teacher cache and features built as train.py builds them. The blocks before it
+recompute each equation from that cache and the step's own A_s and p_s, so block 7's L_att is the step's, term by
+term. Both models load with the capturing attention (`models.load_model(..., attn_implementation=capture.register())`).
 """
 
 import contextlib
@@ -49,9 +35,12 @@ ROWS, COLS, PER_LINE = 8, 10, 10  # table size shown; layers (or steps) per line
 @torch.no_grad()
 def walk(teacher, t_tok, student, s_tok, example, tau1=0.1, tau2=0.5, alpha=0.5, beta=1.0, max_length=512):
     """Every quantity of one MoLSAKI step on `example` {id, question, answer, rationale}, the rationale without its
-    answer statement: the step is one call of train.step on the example's features (data.features on its teacher
-    cache); its parts are under "step". Tensors are float32 on the CPU; the router (fresh, as at step 0), the
-    features and the teacher cache are returned too."""
+    answer statement: the step is one call of train.step on the example's features (built on its teacher cache as
+    train.py builds them), with train.py's flags but tau1, tau2, alpha, beta and max_length as given, its attention
+    read by capture.capture with the record kept (so A_s, the value states and p_s are the step's own); its parts
+    are under "step". Both models must run the capturing attention (attn_implementation=capture.register()).
+    Tensors are float32 on the CPU; the router (fresh, as at step 0), the features and the teacher cache are returned
+    too."""
     args = flags.parse_args(["--method", "molsaki", "--tau1", repr(tau1), "--tau2", repr(tau2), "--alpha", repr(alpha),
                              "--beta", repr(beta), "--max-length", str(max_length)])
     q, r = example["question"], example["rationale"]

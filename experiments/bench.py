@@ -3,56 +3,40 @@
     python -m experiments.bench                  # smollm2-135m student, gemma3-270m teacher, batch 4, N = 512
     python -m experiments.bench --quick          # tiny random models, under a minute on 2 CPU cores
 
-No paper equation lives here; it measures the routes of attention.py / capture.py inside the real training step of
-train.py. Every configuration runs in its own process, so that its peak memory is its own: a fresh fork of a server
-process that has only imported the modules (importing torch and transformers takes 3-7 s, more than a --quick
-configuration); `python -m experiments.bench --one '<json>'` runs one in this process and prints its JSON (for
-profiling). Four sections, one markdown table each on stdout and in `--out/bench.md`, every number in
-`--out/bench.json`:
+No paper equation lives here; it measures the routes of attention.py / capture.py inside train.py's training step.
+Each configuration runs in its own process, so that its peak memory is its own: a fork of a server process that has
+only imported the modules (importing torch and transformers takes 3-7 s, more than a --quick configuration); `--one
+'<json>'` runs one in this process and prints its JSON (for profiling). Four sections, one markdown table each on
+stdout and in `--out/bench.md`, every number in `--out/bench.json`:
 
-- train: one optimizer step (`train.step`: the pre and exp passes and Eq. 7; then one backward, clipping, AdamW) of dss
-  (SDPA), molsaki through the fast capture, and molsaki through eager attention (the naive route: the same `train.step`,
-  its attention read by `eager_attention`), same student and batch, as ratios to dss. On a shared machine a whole
-  process runs faster or slower by more than the difference measured, so the routes take turns, `--rounds` processes
-  each (dss, molsaki, naive, alternating, dss, ...): step time = the median of all timed steps of a route, memory the
-  median over its processes, and the table adds the ratio within each round. Each round's alternating process runs the
-  three routes on one model, a step each in turn; the time target uses the median of those per-cycle ratios (steps a
-  minute apart).
+- train: one optimizer step (train.step: the pre and exp passes and Eq. 7; one backward, clipping, AdamW) of dss
+  (SDPA), molsaki through the fast capture, and naive (molsaki with its attention read from eager attention), same
+  student and batch, as ratios to dss. On a shared machine a whole process runs faster or slower by more than the
+  differences measured, so the routes take turns, `--rounds` processes each (dss, molsaki, naive, alternating,
+  dss, ...): step time is the median of a route's timed steps, memory the median over its processes, with the ratio
+  within each round beside. Each round's alternating process runs the three routes on one model, a step each in
+  turn; the time target uses the median of those per-cycle ratios (steps a minute apart).
 - capture: forward + backward of the student alone (batch 1, `logits_to_keep=1`) for N in `--lengths`: plain SDPA,
-  the capture (loss sum(A * w)), eager attention through `eager_attention` (the same loss).
-- teacher: examples per second of `teacher.build_attention_cache`, and teacher forward passes per training example
-  counted by a forward pre-hook, against recomputing the teacher at every step.
+  the capture (loss sum(A * w)), and eager attention (the same loss).
+- teacher: examples per second of the teacher cache pass, and teacher forward passes per training example,
+  against recomputing the teacher at every step.
 - flops: FLOPs of one training step (forward and backward) of vanilla, dss, mmi, molsaki and naive, as the paper's
   Table 5, at the smollm2-135m and GPT-2 large shapes (random weights): torch's FlopCounterMode, plus by hand the
-  CPU attention kernels it has no formula for (`attention_flops`, `count_flops`; FLOP_NOTES says what is counted).
+  CPU attention kernels it has no formula for (FLOP_NOTES says what is counted).
 
 Memory. CUDA: `torch.cuda.max_memory_allocated` after a reset at the end of warm-up. CPU: the peak RSS of the timed
 steps (VmHWM, reset at the end of warm-up through /proc/self/clear_refs), and the raw `ru_maxrss` of the process.
 `work` = that peak minus the memory once the model, batch and optimizer are made (gradients, optimizer state,
 activations and allocator slack, not weights and libraries); ratios to dss use `work`. `saved` is exact: the bytes
-of the distinct tensors autograd keeps for backward in one step (saved-tensor hooks, parameters excluded).
-Time. On glibc every configuration first keeps malloc's memory in the process (`pin_malloc`; `--malloc-default`
-keeps glibc's settings), so that step times count the work, not the page faults of memory handed back to the OS.
-
-The synthetic batch: a built-in problem's question (`problems.make_problems`) and the rationales of as many problems
-as it takes for the exp text to reach N tokens, with its real steps and numbers (`spans`); the pre task is that
-question and its answer. The teacher target A_t is random (the teacher is cached, not part of a step). The naive
-route reads A from the probabilities each eager attention module returns and the router's value states from its
-value projection (`v_proj`, or the value third of GPT-2's fused `c_attn`), by forward hooks (`eager_attention`).
-Models: `--model` / `--teacher` take what train.py takes, the tiny random ones of --quick, or `random:FOLDER` (a
-folder with only a config and a tokenizer: random weights of that shape, for a GPU machine that cannot take the real
-weights; the same step time and memory) or `random:NAME` of SHAPES. On CUDA the train and capture sections run
-under bf16 autocast, as training does.
-
-Why ~900 lines and not 500: four instruments that share the model loading, the synthetic batch, the training step of
-each route (`_route_step`, `_stepper`), the timer and the process runner, but each needs its own meter (step time
-over interleaved rounds, RSS and saved-tensor memory, a forward-hook count, a FLOP counter with its by-hand kernels)
-and its own table with the numbers that make it checkable (rounds, per-cycle ratios, notes); and the naive route
-needs a reader of eager attention with the capture's interface (`eager_attention`), which train.py does not have.
-
-Public functions: `parse_args`, `configs`, `pin_malloc`, `run_one`, `bench_train`, `bench_alternate`,
-`bench_capture`, `bench_teacher`, `bench_flops`, `count_flops`, `attention_flops`, `eager_attention`,
-`long_examples`, `fake_cache`, `byte_tokenizer`, `tiny_config`, `saved_bytes`, `summarize`, `tables`, `main`.
+of the distinct tensors autograd keeps for backward in one step (parameters excluded).
+Time. On glibc every configuration first keeps malloc's memory in the process (`--malloc-default` keeps glibc's
+settings), so that step times count the work, not the page faults of memory handed back to the OS.
+Inputs. A synthetic batch of built-in problems, its exp text N tokens long, with real steps and numbers; the teacher
+target A_t is random (the teacher is cached, not part of a step). `--model` / `--teacher` take what train.py takes,
+the tiny random models of --quick, `random:FOLDER` (a config and a tokenizer only: random weights of that shape, for
+a GPU machine that cannot take the real weights; the same step time and memory) or `random:NAME` of SHAPES. On CUDA
+the train and capture sections run under bf16 autocast, as training does. The naive route's reader of eager
+attention, with the capture's interface, lives here: train.py has none.
 """
 
 import argparse

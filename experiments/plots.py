@@ -10,11 +10,6 @@ numeric_share (Fig. 1b, App. B.1), losses (every loss component of log.jsonl). T
 files.load_torch (no code in them runs); one that cannot be read, or a run that is not molsaki's, is one line,
 `error: ...`, exit status 2.
 
-Public functions: `run_argv`, `load_run`, `example_view`, `student_stepwise`, `student_weights`,
-`critical_attention`, `numeric_share`, one function per figure (`plot_heatmap`, `plot_teacher_layers`,
-`plot_column_gradient`, `plot_layer_weights`, `plot_router_over_steps`, `plot_numeric_share`, `plot_losses`),
-`parse_args`, `main`.
-
 Choices:
 - The run is rebuilt from checkpoint/trainer_state.pt "args" (flags.parse_args, data.training_examples: built-in
   problems regenerate, the teacher's rationales are read from the run's rationales.jsonl; real data needs
@@ -24,10 +19,9 @@ Choices:
   router on the trained student's value states of the example (or the one-hot --layer-map), so the two panels
   differ only in the student's attention. Heatmaps show A as computed (sums of probabilities), own colour scale.
 - Fig. 1b: eager attention (`output_attentions`) of the teacher and the trained student on the example's text,
-  averaged over layers and heads into P [N, N]. Per step, the mean of P[i, j] over the step's tokens i and the
-  visible (j <= i) critical-word tokens j, and the same over the visible other tokens; App. B.1's softmax over
-  these two small means stays near 0.5, so the raw means are drawn beside it. Special tokens and the first
-  token (the attention sink the paper omits, App. B) are in neither set.
+  averaged over layers and heads; per step, its mean on the visible critical-word tokens and on the visible other
+  tokens (`numeric_share`). App. B.1's softmax over these two small means stays near 0.5, so the raw means are
+  drawn beside it. Special tokens and the first token (the attention sink the paper omits, App. B) are in neither.
 """
 
 import argparse

@@ -1,14 +1,10 @@
 """Command-line plumbing of every script: one-line errors, and the test sets known by name.
 
-No paper equation lives here, and nothing of the project is imported.
-
-- `TEST_SETS`, `set_label(name)`, `check_sets(names)`: the test sets eval.py knows by name, the name a set's
-  results go under, and what is wrong with a list of names or files.
-- `Parser(...)`: an `argparse.ArgumentParser` whose errors (unknown flag, bad choice, a failed check
-  through `parser.error`) print `error: <what and how to fix>` on stderr and exit with status 2.
-- `fail(message)`: print that line and exit 2 (for checks that need more than the flags: files, configs).
-
-Real failures (a NaN, out of memory, a bug) keep their traceback: only what the user can fix goes here.
+No paper equation lives here, and nothing of the project is imported. A mistake the user can fix (an unknown flag,
+a bad choice, a failed check of the flags, a file or config that will not do) prints one line, `error: <what and how
+to fix>`, on stderr and exits with status 2; `--help` is unchanged. Real failures (a NaN, out of memory, a bug) keep
+their traceback. eval.py knows the test sets of `TEST_SETS` by name; any other name is a JSON / JSONL file of
+problems, whose results go under the file's stem.
 """
 
 import argparse

@@ -1,5 +1,7 @@
 """Data files: every file the loaders of data.py read, downloaded from its public source and checked.
 
+    python -m plumbing.fetch [NAME ...] [--data-dir DIR]   # the named data sets, no NAME: all
+
 No paper equation lives here. Each file is a byte-for-byte copy of one file of a public GitHub repository at a
 named commit, verified by its SHA-256 (`FILES` names repository, commit, path and hash of each):
     google-research/distilling-step-by-step @ ef94426  SVAMP's DSS split, CSQA's DSS order, the PaLM-540B CoT
@@ -7,34 +9,14 @@ named commit, verified by its SHA-256 (`FILES` names repository, commit, path an
     openai/grade-school-math @ 3101c7d                 GSM8K
     chaochun/nlu-asdiv-dataset @ 883f90a               ASDiv, ASDiv-A's folds (CC BY-NC 4.0: its fetch says so)
     kojima-takeshi188/zero_shot_cot @ 5ef330f          copies of SingleEq and the official CommonsenseQA files
-A file comes from `$MOLSAKI_DATA_URL` (default https://raw.githubusercontent.com) `/OWNER/REPO/COMMIT/PATH`, is
-written under a temporary name and renamed only if its SHA-256 is right. No network, an HTTP error, a short body
-or another SHA-256: `DataUnavailable`, a one-line message naming the command that fetches the file. A file is
-checked again whenever a loader reads it: one cut short or edited since is `DataUnavailable` too (hashing all 30
-files takes about 20 ms, so nothing is memoized).
 
-    python -m plumbing.fetch [NAME ...] [--data-dir DIR]   # the named data sets, no NAME: all
-
-Public functions:
-    resolve_data_dir(path) -> Path    the data directory: `path` (--data-dir), else env MOLSAKI_DATA (either must
-                                      exist), else `CACHE`, ~/.cache/molsaki/data (created)
-    files_of(name) -> list[str]       the paths of one data set (`DATASETS`), PaLM files included: keys of `FILES`,
-                                      path in the data directory -> `Source` (data set, repository, commit, path
-                                      there, zip member, SHA-256)
-    ensure_files(root, paths) -> int  fetch those missing, and with a zip member the zip's other missing files of
-                                      its data set; one already there with another SHA-256 is `DataUnavailable`
-                                      (data.py's loaders call it before reading, so data is fetched on first use
-                                      and checked on every use); returns how many were downloaded
-    fetch(names, root) -> int         every file of the data sets `names`, also fetching again one whose SHA-256
-                                      differs; returns how many were downloaded
-    sha256(path) -> str               the hex SHA-256 of a file
-    parse_args(argv), main(argv)      the command line; a wrong flag or name, a file that cannot be fetched or a
-                                      missing --data-dir is one line, `error: ...`, and exit status 2
-
-Classes:
-    Source                            one file's origin: data set, repository, commit, path there, zip member,
-                                      SHA-256 (the values of `FILES`)
-    DataUnavailable                   the error of a file that is missing and cannot be fetched, or is damaged
+The data directory is --data-dir, else $MOLSAKI_DATA (either must exist), else ~/.cache/molsaki/data (created).
+data.py's loaders fetch a missing file on first use and check a file's SHA-256 whenever they read it, so one cut
+short or edited since is caught (hashing all 30 files takes about 20 ms, so nothing is memoized). A file comes from
+`$MOLSAKI_DATA_URL` (default https://raw.githubusercontent.com) `/OWNER/REPO/COMMIT/PATH`, is written under a
+temporary name and renamed only if its SHA-256 is right. No network, an HTTP error, a short body or another SHA-256
+is `DataUnavailable`: a one-line message naming the command that fetches the file. On the command line, that error,
+a wrong flag or name, or a missing --data-dir is one line, `error: ...`, and exit status 2.
 """
 
 import argparse
@@ -73,6 +55,8 @@ TIMEOUT = 60  # seconds a download may wait for the server
 
 
 class Source(NamedTuple):
+    """One file's origin (the values of `FILES`)."""
+
     dataset: str  # its name in data.SPLITS
     repo: str  # owner/name on GitHub
     commit: str
@@ -187,7 +171,8 @@ class DataUnavailable(RuntimeError):
 
 
 def files_of(name: str) -> list[str]:
-    """Paths (relative to the data directory) of the files the loaders of data set `name` read, PaLM included."""
+    """Paths (relative to the data directory: keys of `FILES`) of the files the loaders of data set `name` read,
+    PaLM's included."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
     return [path for path, s in FILES.items() if s.dataset == name]
@@ -196,7 +181,8 @@ def files_of(name: str) -> list[str]:
 def ensure_files(root: str | Path, paths: list[str]) -> int:
     """Fetch those of `paths` (keys of FILES) missing from `root`, and with a zip member the other missing files of
     its data set in that zip (one download); a file of `paths` already there with another SHA-256 (cut short,
-    edited) is `DataUnavailable`. Returns how many files were downloaded."""
+    edited) is `DataUnavailable`. data.py's loaders call it before reading. Returns how many files were
+    downloaded."""
     root = Path(root)
     missing = {p for p in paths if not (root / p).is_file()}
     for path in (p for p in paths if p not in missing):  # a downloaded file was checked as it was written
@@ -304,6 +290,7 @@ def _command(root: Path, path: str) -> str:  # the command that fetches `path` i
 
 
 def sha256(path) -> str:
+    """The hex SHA-256 of a file."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

