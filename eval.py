@@ -127,7 +127,7 @@ def _write_results(path: Path, items: list[dict], meta: dict) -> None:
 
 def _write_summary(out: Path, mode: str, weights: str, answer_target: str = "number") -> None:
     """eval_<mode>.json: {set: accuracy} of every eval_<set>_<mode>.jsonl in `out` made with these weights and this
-    answer target (results made before targets were recorded: number)."""
+    answer target (a meta file that names no answer target was scored as numbers)."""
     summary = {}
     for path in sorted(out.glob(f"eval_*_{mode}.jsonl")):
         recorded = _meta_path(path)

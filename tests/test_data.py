@@ -122,7 +122,7 @@ def test_gold_beyond_float_precision_is_kept_exactly(tmp_path):
             {"question": "Q3?", "answer": "so #### 12,345,678,901,234,567,890"},
             {"sQuestion": "Q4?", "lSolutions": [12345678901234567890]},
             {"question": "Q5?", "answer": "-12345678901234567890.25"},
-            {"question": "Q6?", "answer": "2.5"}]  # an ordinary answer as before
+            {"question": "Q6?", "answer": "2.5"}]  # an ordinary decimal answer
     path = tmp_path / "big.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r["answer"] for r in load_file(path)] == ["12345678901234567890"] * 4 + ["-12345678901234567890.25", "2.5"]

@@ -572,7 +572,7 @@ def test_teacher_cache_built_with_untiled_steps_is_refused(tmp_path, monkeypatch
         "meta": meta, "items": {}})
     train.attention_cache(args, examples, lambda: (None, None))
     assert built and built[0]["steps"] == "tiled"
-    old = {k: v for k, v in built[0].items() if k != "steps"}  # a cache from before the steps tiled the text
+    old = {k: v for k, v in built[0].items() if k != "steps"}  # a cache whose steps do not tile the text
     files.save_atomic({"meta": old, "items": {}}, tmp_path / "teacher_cache.pt")
     with pytest.raises(ValueError, match=r"differs in: steps\)"):
         train.attention_cache(args, examples, lambda: (None, None))

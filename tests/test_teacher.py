@@ -483,8 +483,8 @@ def test_train_teacher_cache_written_then_reused(tiny_teacher_dir, tmp_path, mon
     changed = [dict(examples[0], rationale="The answer is 1.")] + examples[1:]
     with pytest.raises(ValueError, match="texts"):
         train.attention_cache(args, changed, _no_teacher)
-    # a cache built before rationales were cut before their answer statement (docs/design.md, "Text layout") is
-    # refused; through train.py, in one line
+    # a cache of rationales that still hold their answer statement (docs/design.md, "Text layout") is refused;
+    # through train.py, in one line
     before = [dict(e, rationale=p["rationale"]) for e, p in zip(examples, problems.make_problems(9, seed=0),
                                                                 strict=True)]
     assert all(b["rationale"].startswith(e["rationale"] + " The answer is ") for b, e in zip(before, examples,
