@@ -4,7 +4,7 @@ No paper equation lives here.
 
 - `parse_args(argv)`: the flags, defaults resolved (`SCHEDULE`, the method's beta, the run directory) and checked:
   a mistake is one line (cli.py), before any file is read but a file of problems named by --data.
-- `set_names(args)`: the training and test sets a run reads.
+- `set_names(data, eval_sets)`: the training and test sets a run reads.
 - `METHODS`, `DATA_SETS`, `EVAL_SETS` (the test sets of each task), `SCHEDULE`.
 """
 
@@ -153,6 +153,7 @@ def _flag_problem(args) -> str | None:
     return None
 
 
-def set_names(args) -> list[str]:
-    """The training set and the test sets of a run, each once: names of data.SPLITS, `builtin`, or files."""
-    return list(dict.fromkeys([args.data, *filter(None, args.eval_sets.split(","))]))
+def set_names(data: str, eval_sets: str) -> list[str]:
+    """The training set --data and the test sets --eval-sets of a run, each once: names of data.SPLITS, `builtin`,
+    or files."""
+    return list(dict.fromkeys([data, *filter(None, eval_sets.split(","))]))
