@@ -104,13 +104,13 @@ def check_inputs(args) -> dict | None:
     tokenizer or with damaged weights) and --layer-map's range. Returns the trainer state to resume from (or
     None); a problem is one line (cli.fail)."""
     try:
-        names = flags.set_names(args)
+        names = flags.set_names(args.data, args.eval_sets)
         root = fetch.resolve_data_dir(args.data_dir)
         for name in (n for n in names if n in data.SPLITS):
             fetch.ensure_files(root, fetch.files_of(name))
         for name in (n for n in names if n not in data.SPLITS and n != "builtin"):
             data.load_file(name)  # a file of problems: every record read now
-        state = rundir.start(args)  # every process: each loads the state it resumes from
+        state = rundir.start(args.out, vars(args), args.resume, args.overwrite)  # every process loads its state
         student = models.load_config(str(rundir.checkpoint_dir(args.out)) if args.resume else args.student)
         if args.method == "molsaki" or (args.rationales == "teacher" and args.method != "vanilla"):
             teacher = models.load_config(args.teacher)
@@ -265,7 +265,10 @@ def fit(args, examples, cache, state, device):
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "pre", "exp", "att", "mmi") if k in row})
             if rank == 0 and (step % args.save_every == 0 or step == args.max_steps or rundir.STOP):
-                rundir.save_checkpoint(args, step, student, tok, opt, sched)
+                try:
+                    rundir.save_checkpoint(args.out, step, student, tok, opt, sched, vars(args))
+                except ValueError as e:
+                    cli.fail(e)
                 saved = step
     if rundir.STOP:
         if rank == 0:
@@ -292,8 +295,10 @@ def train(args):
     with held:
         state = check_inputs(args)
         if _rank() == 0:
-            rundir.write_run_info(args, device)
+            rundir.write_run_info(args.out, vars(args), device, state["step"] if state else None)
         examples, cache = teacher_stage(args)
+        if _rank() == 0:
+            rundir.record_teacher_files(args.out)
         row = fit(args, examples, cache, state, device)
         if _rank() == 0 and args.eval_sets:
             eval_.run(args.out / "checkpoint", args.eval_sets.split(","), args.data_dir,

@@ -152,6 +152,7 @@ def _flag_problem(args) -> str | None:
     return None
 
 
-def set_names(args) -> list[str]:
-    """The training set and the test sets of a run, each once: names of data.SPLITS, `builtin`, or files."""
-    return list(dict.fromkeys([args.data, *filter(None, args.eval_sets.split(","))]))
+def set_names(data: str, eval_sets: str) -> list[str]:
+    """The training set --data and the test sets --eval-sets of a run, each once: names of data.SPLITS, `builtin`,
+    or files."""
+    return list(dict.fromkeys([data, *filter(None, eval_sets.split(","))]))

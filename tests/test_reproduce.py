@@ -212,12 +212,13 @@ def test_run_json_fields_and_data_files(tmp_path):
                              "--out", str(tmp_path / "run")])
     expected = {p: hashlib.sha256(p.encode()).hexdigest() for p in fetch.files_of("svamp") + fetch.files_of("singleeq")}
     expected[str(mine)] = hashlib.sha256(mine.read_bytes()).hexdigest()
-    assert rundir.data_files(args) == dict(sorted(expected.items()))
+    names = flags.set_names(args.data, args.eval_sets)
+    assert rundir.data_files(names, args.data_dir) == dict(sorted(expected.items()))
     assert len(expected) == 7  # svamp: 2 split files + 3 PaLM files; singleeq: 1; the file
-    assert rundir.data_files(flags.parse_args(["--data", "builtin"])) == {}
+    assert rundir.data_files(["builtin"], None) == {}
 
     args.out.mkdir()
-    rundir.write_run_info(args, torch.device("cpu"))
+    rundir.write_run_info(args.out, vars(args), torch.device("cpu"), None)
     info = json.loads((args.out / "run.json").read_text())
     assert info["argv"] == sys.argv and info["args"]["out"] == str(args.out) and info["args"]["lr"] == args.lr
     assert info["versions"]["torch"] == torch.__version__ and set(info["versions"]) == {"python", "torch",

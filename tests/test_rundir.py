@@ -3,15 +3,23 @@
   bit for bit on CPU (weights, router, log), a GPT-2 student with dropout included;
 - a signal in the teacher stage or in the final evaluation exits with the same status, keeping what finished;
 - one process per --out (a lock; a stale one is taken over), one run per --out (no silent restart, no --resume
-  with other training flags), and no file that is read can run code or stop the run with a traceback."""
+  with other training flags or other training data: a file of problems, the built-in problems, the teacher's
+  rationales), and a record of the run (run.json) that a resume adds to but never rewrites;
+- no file that is read can run code or stop the run with a traceback, and an --out that cannot be a run directory
+  or a checkpoint the disk refuses is one line, the last good checkpoint kept."""
 
+import errno
+import hashlib
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +32,7 @@ from transformers import AutoModelForCausalLM
 import eval as eval_
 import teacher
 import train
-from plumbing import rundir
+from plumbing import flags, problems, rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +47,16 @@ def refused(capsys, cmd, expect):
     """train.main(cmd) exits 2 with one `error:` line containing `expect` (earlier output set aside)."""
     capsys.readouterr()
     one_line_error(capsys, train.main, cmd, expect)
+
+
+def refused_while_training(capsys, cmd, expect):
+    """train.main(cmd) exits 2 with one `error:` line containing `expect`, among the progress bars of training."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(cmd)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert stop.value.code == 2 and len(errors) == 1 and expect in errors[0] and "Traceback" not in err, err
 
 
 def read_log(out):
@@ -224,7 +242,8 @@ def test_resume_with_other_training_flags_is_refused(tiny_teacher_dir, tiny_stud
     assert (tmp_path / "run.json").read_text() == run_json  # written only once the checks pass
     # What does not change training may: how often it saves, what it evaluates at the end.
     train.main([*cmd, "--resume", "--save-every", "1", "--eval-sets", ""])
-    assert json.loads((tmp_path / "run.json").read_text())["args"]["save_every"] == 1
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["args"]["save_every"] == 4 and record["resumes"][0]["changed"] == {"save_every": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,3 +286,221 @@ def test_lock_is_released_on_exit(tmp_path):
         pass
     with rundir.lock(tmp_path):  # not held any more: a second lock in the same process succeeds
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A resume never changes what a run is: the training data are the run's, and run.json keeps the run's record.
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_problems(path, n=8):
+    path.write_text("".join(json.dumps({"question": f"What is {k} plus 3?", "answer": k + 3}) + "\n"
+                            for k in range(n)))
+    return path.read_bytes()
+
+
+def test_resume_refuses_an_edited_file_of_problems_and_keeps_the_record(tiny_teacher_dir, tiny_student_dir, tmp_path,
+                                                                          capsys):
+    mine, out = tmp_path / "mine.jsonl", tmp_path / "run"
+    original = write_problems(mine)
+    cmd = [*argv(tiny_teacher_dir, tiny_student_dir, out, method="vanilla", steps=2), "--data", str(mine)]
+    train.main(cmd)
+    record = json.loads((out / "run.json").read_text())
+    assert record["training_data"] == {str(mine): sha256(original)} and record["teacher_files"] == {}
+    assert "resumes" not in record
+
+    edited = original.replace(b'"answer": 3}', b'"answer": 4}', 1)  # the first problem's answer
+    assert edited != original
+    mine.write_bytes(edited)
+    refused(capsys, [*cmd, "--resume"], f"--resume: {out} was trained on other data: {mine}: SHA-256 "
+                                        f"{sha256(edited)} now, {sha256(original)} when the run started")
+    assert json.loads((out / "run.json").read_text()) == record
+    mine.write_bytes(original)
+    train.main([*cmd, "--resume", "--save-every", "1"])
+    resumed = json.loads((out / "run.json").read_text())
+    assert {k: resumed[k] for k in record} == record  # every field of the run's own record, as it was
+    (entry,) = resumed["resumes"]
+    assert entry["step"] == 2 and entry["changed"] == {"save_every": 1}
+    assert entry["argv"] == sys.argv and entry["commit"] == rundir.git_state(ROOT)[0]  # in process: pytest's
+
+
+def test_resume_refuses_other_builtin_problems(tiny_teacher_dir, tiny_student_dir, tmp_path, capsys, monkeypatch):
+    """The built-in problems come from code: a changed generator changes the run's data."""
+    cmd = argv(tiny_teacher_dir, tiny_student_dir, tmp_path, method="dss", steps=2)
+    train.main(cmd)
+    made = problems.make_problems(16, seed=0)
+    then = sha256(json.dumps(made, sort_keys=True).encode())
+    assert json.loads((tmp_path / "run.json").read_text())["training_data"] == {"builtin": then}
+
+    changed = [dict(made[0], answer="999"), *made[1:]]
+    monkeypatch.setattr(problems, "make_problems", lambda n, seed=0: [dict(r) for r in changed][:n])
+    refused(capsys, [*cmd, "--resume"], f"the built-in problems (--n-train 16): SHA-256 "
+                                        f"{sha256(json.dumps(changed, sort_keys=True).encode())} now, {then} when")
+
+
+def test_resume_refuses_edited_teacher_rationales_but_not_what_the_teacher_stage_appended(
+        tiny_teacher_dir, tiny_student_dir, tmp_path, capsys):
+    """Two problems have a kept rationale from before; the teacher stage appends its attempts at the other two (the
+    tiny random teacher answers wrong: phase 1, then phase 2). What it appended is the run's; an edit after is not."""
+    mine, out = tmp_path / "mine.jsonl", tmp_path / "run"
+    write_problems(mine, n=4)
+    out.mkdir()
+    kept = [{"id": f"mine-{k}", "rationale": f"{k} plus 3 is {k + 3}.", "statement": f"The answer is {k + 3}.",
+             "phase": 1, "teacher_answer": str(k + 3), "correct": True} for k in (0, 1)]
+    (out / "rationales.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    cmd = [*argv(tiny_teacher_dir, tiny_student_dir, out, method="dss", steps=2), "--data", str(mine),
+           "--rationales", "teacher", "--teacher-batch-size", "2"]
+    train.main(cmd)
+    rationales = (out / "rationales.jsonl").read_bytes()
+    assert len(rationales.splitlines()) == 2 + 2 * 2  # the kept two, and two attempts at each other problem
+    record = json.loads((out / "run.json").read_text())
+    assert record["teacher_files"] == {"rationales.jsonl": sha256(rationales)}
+
+    train.main([*cmd, "--resume"])  # nothing edited: the resume runs (at its last step already)
+    assert (out / "rationales.jsonl").read_bytes() == rationales
+    edited = rationales.replace(b"0 plus 3 is 3.", b"0 plus 3 is 4.")
+    (out / "rationales.jsonl").write_bytes(edited)
+    refused(capsys, [*cmd, "--resume"], f"{out / 'rationales.jsonl'}: SHA-256 {sha256(edited)} now, "
+                                        f"{sha256(rationales)} when the run started")
+    (out / "rationales.jsonl").unlink()  # the teacher would make new ones
+    refused(capsys, [*cmd, "--resume"], f"{out / 'rationales.jsonl'}: missing now (SHA-256 {sha256(rationales)} "
+                                        "when the run started)")
+    assert {k: v for k, v in json.loads((out / "run.json").read_text()).items() if k != "resumes"} == record
+
+
+def test_run_record_from_explicit_parameters(tmp_path):
+    """The run-directory functions take the run directory, a dict of the run's flags and booleans, no namespace:
+    a fresh start writes the record, the teacher files are recorded once, a resume appends and rewrites nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    run_flags = vars(flags.parse_args(["--data", "builtin", "--n-train", "8", "--eval-sets", "", "--out", str(out)]))
+    assert rundir.start(out, run_flags, resume=False, overwrite=False) is None
+    rundir.write_run_info(out, run_flags, torch.device("cpu"), None)
+    (out / "rationales.jsonl").write_text('{"id": "a"}\n')
+    rundir.record_teacher_files(out)
+    record = json.loads((out / "run.json").read_text())
+    assert record["training_data"] == {
+        "builtin": sha256(json.dumps(problems.make_problems(8, seed=0), sort_keys=True).encode())}
+    assert record["teacher_files"] == {"rationales.jsonl": sha256(b'{"id": "a"}\n')}
+    assert record["args"] == {k: str(v) if k == "out" else v for k, v in run_flags.items()}
+
+    with open(out / "rationales.jsonl", "a") as f:
+        f.write('{"id": "b"}\n')
+    rundir.record_teacher_files(out)  # recorded already: kept as it was
+    rundir.write_run_info(out, dict(run_flags, resume=True, eval_batch_size=2), torch.device("cpu"), 3)
+    resumed = json.loads((out / "run.json").read_text())
+    assert {k: resumed[k] for k in record} == record
+    assert [(r["step"], r["changed"]) for r in resumed["resumes"]] == [(3, {"eval_batch_size": 2})]
+
+    # start with resume: the checkpoint's flags and run.json's record of the data, which must be there.
+    (out / "checkpoint").mkdir()
+    torch.save({"args": {k: str(v) for k, v in run_flags.items()}}, out / "checkpoint" / "trainer_state.pt")
+    (out / "rationales.jsonl").write_text('{"id": "a"}\n')
+    assert rundir.start(out, dict(run_flags, resume=True), resume=True, overwrite=False)["args"]["n_train"] == "8"
+    (out / "run.json").write_text(json.dumps({k: v for k, v in resumed.items() if k != "teacher_files"}))
+    with pytest.raises(ValueError, match="run.json does not record the data the run trained on"):
+        rundir.start(out, dict(run_flags, resume=True), resume=True, overwrite=False)
+    (out / "run.json").unlink()
+    with pytest.raises(ValueError, match="run.json, the record of the run, is missing"):
+        rundir.start(out, dict(run_flags, resume=True), resume=True, overwrite=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Every bad path and every refused write is one line.
+
+
+def os_reason(action, path):
+    """What the OS says when `action(path)` fails: the oracle of the error line."""
+    with pytest.raises(OSError) as e:
+        action(path)
+    return f"({e.value.filename}: {e.value.strerror})"
+
+
+def test_out_that_cannot_be_a_run_directory_is_one_line(tiny_teacher_dir, tiny_student_dir, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    cases = [(a_file, f"--out {a_file}: {a_file} is a file, not a folder; choose another --out"),
+             (a_file / "run", f"--out {a_file / 'run'}: {a_file} is a file, not a folder; choose another --out")]
+    if Path("/sys/kernel").is_dir() and Path("/proc/self").is_dir():  # Linux: places nobody can write
+        nowhere = Path("/proc/molsaki-no-such-folder/run")
+        cases.append((nowhere, f"--out {nowhere} cannot be created or written "
+                               f"{os_reason(lambda p: p.mkdir(parents=True), nowhere)}"))
+        sysfs = Path("/sys/molsaki-run")
+        cases.append((sysfs, f"--out {sysfs} cannot be created or written {os_reason(Path.mkdir, sysfs)}"))
+        locked = Path("/sys/kernel")  # exists, but the lock file cannot be created in it
+        cases.append((locked, f"--out {locked} cannot be created or written "
+                               f"{os_reason(lambda p: open(p / 'train.lock', 'a+'), locked)}"))
+    for out, expect in cases:
+        refused(capsys, argv(tiny_teacher_dir, tiny_student_dir, out, steps=2), expect)
+    assert a_file.read_text() == "not a folder\n"
+
+
+TORCH_WRITER = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # torch.save on a full disk
+
+
+@pytest.mark.parametrize("failure", ["errno", "torch"])
+def test_failed_checkpoint_write_is_one_line_and_the_last_checkpoint_resumes(failure, uninterrupted, tiny_teacher_dir,
+                                                                            dropout_student_dir, tmp_path,
+                                                                            monkeypatch, capsys):
+    """The disk fills while step 6 is saved (the checkpoint of step 4 is there): with an OSError, or with torch's
+    writer error, which keeps no errno (the disk then shows no free space). One line; checkpoint 4 stays, and
+    --resume from it equals the uninterrupted run."""
+    cmd = argv(tiny_teacher_dir, dropout_student_dir, tmp_path)
+    save, saves = torch.save, []
+
+    def disk_full_at_step_6(obj, path, *args, **kwargs):
+        if Path(path).name == "trainer_state.pt":
+            saves.append(obj["step"])
+            if obj["step"] == 6:
+                Path(path).write_bytes(b"PK\x03\x04 cut short")
+                if failure == "errno":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=0))
+                raise RuntimeError(TORCH_WRITER)
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_6)
+    expect = (f"cannot write the checkpoint of step 6 to {tmp_path / 'checkpoint.tmp'}: No space left on device"
+              + ("" if failure == "errno" else " (0 bytes free)")
+              + f"; the last good checkpoint, {tmp_path / 'checkpoint'}, is kept: make room and continue with --resume")
+    refused_while_training(capsys, cmd, expect)
+    assert saves == [4, 6] and trainer_state(tmp_path)["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+    monkeypatch.undo()  # room again
+    train.main([*cmd, "--resume"])
+    assert without_time(read_log(tmp_path)) == without_time(read_log(uninterrupted))
+    w, w0 = (load_file(Path(d) / "checkpoint" / "model.safetensors") for d in (tmp_path, uninterrupted))
+    assert w.keys() == w0.keys() and all(torch.equal(w[k], w0[k]) for k in w)
+
+
+class Raises:
+    """A student or tokenizer whose save_pretrained raises `error` after writing a file into the folder."""
+
+    def __init__(self, error):
+        self.lm, self.router, self.error = self, None, error
+
+    def save_pretrained(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"cut")
+        raise self.error
+
+
+def test_write_reasons_from_safetensors_and_bugs_keep_their_traceback(tmp_path):
+    """safetensors says the errno in its message; an error that is no failed write (a bug) is raised as it is.
+    Either way the half-written folder is removed and the checkpoint there is kept."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.pt").write_bytes(b"step 4")
+    full = Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # SafetensorError
+    with pytest.raises(ValueError, match=re.escape(f"to {tmp_path / 'checkpoint.tmp'}: No space left on device; the "
+                                                   f"last good checkpoint, {tmp_path / 'checkpoint'}, is kept")):
+        rundir.save_checkpoint(tmp_path, 6, Raises(full), None, None, None, {})
+    bug = TypeError("cannot pickle 'generator' object")
+    with pytest.raises(TypeError) as raised:
+        rundir.save_checkpoint(tmp_path, 6, Raises(bug), None, None, None, {})
+    assert raised.value is bug
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert (tmp_path / "checkpoint" / "trainer_state.pt").read_bytes() == b"step 4"
