@@ -69,7 +69,7 @@ What the report does with a directory it cannot read as it is (an error is one `
 the command line, `GridError` from `report`; nothing is written then):
 - DIR missing, or holding no run with an evaluated set: an error (a wrong path, or a grid that has evaluated
   nothing yet). At the end of a grid, this prints `no report` instead, and the grid's exit status stands.
-- run.json that is not JSON: an error naming it (mend or delete it; train.py writes it anew when the run resumes).
+- run.json that is not JSON: an error naming it (mend it: a resume needs its record of the run's flags and data).
 - log.jsonl and reproduce.log.jsonl are appended line by line, so a last line without its newline was cut by a
   kill: it is dropped, as plumbing/files.py's `read_appended` drops it. A line that is not JSON anywhere else, or in an
   eval_<set>_<mode>.jsonl (written whole, then renamed), is an error naming the file and line.
@@ -548,8 +548,8 @@ def _read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise GridError(f"{path}: not valid JSON ({e}); mend or delete it (train.py writes it anew when the run "
-                        "resumes)") from None
+        raise GridError(f"{path}: not valid JSON ({e}); mend it (a resume needs its record of the run's flags and "
+                        "data)") from None
 
 
 def _read_jsonl(path, appended=False):
