@@ -45,16 +45,29 @@ LETTERS = "abcde"
 _PALM_FILES = {("svamp", "train"): 2, ("svamp", "test"): 1, ("csqa", "train"): 10, ("csqa", "test"): 2}
 
 
-def _number(value) -> Decimal:  # a gold number from text ("1,200") or JSON (a number), exactly
+QUOTE_CHARS = 80  # what an error message shows of a record's value
+
+
+def _quote(value) -> str:
+    """repr(value) for an error message: its first QUOTE_CHARS characters and the length of the whole when longer."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
+
+
+def _number(value) -> str:  # the gold text of a number from text ("1,200") or JSON (a number), exactly
     try:
-        return Decimal(str(value).strip().replace(",", ""))
+        number = Decimal(str(value).strip().replace(",", ""))
     except ArithmeticError:
-        raise ValueError(f"{value!r} is not a number") from None
+        raise ValueError(f"{_quote(value)} is not a number") from None
+    try:
+        return answers.format_number(number)
+    except ValueError:
+        raise ValueError(f"{_quote(value)} is not a finite number within float's range") from None
 
 
 def _text(value) -> str:  # non-empty text, stripped
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected non-empty text, got {value!r}")
+        raise ValueError(f"expected non-empty text, got {_quote(value)}")
     return value.strip()
 
 
@@ -85,7 +98,7 @@ def _gsm8k(root: Path, split: str) -> list[dict]:
         if not sep:
             raise ValueError("no '####' before the final answer")
         return {"id": f"gsm8k-{split}-{i}", "question": _text(r["question"]),
-                "answer": answers.format_number(_number(number))}
+                "answer": _number(number)}
 
     fetch.ensure_files(root, [f"gsm8k/{split}.jsonl"])
     return _convert(files.read_jsonl(root / "gsm8k" / f"{split}.jsonl"), make)
@@ -103,9 +116,9 @@ def _asdiv(root: Path, split: str) -> list[dict]:
     def make(i, p):
         m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(?:\(.*\))?\s*", p.findtext("Answer") or "")
         if not m:
-            raise ValueError(f"answer {p.findtext('Answer')!r} is not a number with an optional unit")
+            raise ValueError(f"answer {_quote(p.findtext('Answer'))} is not a number with an optional unit")
         question = _text(p.findtext("Body")) + " " + _text(p.findtext("Question"))
-        return {"id": p.get("ID"), "question": question, "answer": answers.format_number(_number(m.group(1)))}
+        return {"id": p.get("ID"), "question": question, "answer": _number(m.group(1))}
 
     return _convert([(f"{xml}, problem {p.get('ID')}", p) for p in problems], make)
 
@@ -114,14 +127,14 @@ def _singleeq(root: Path, split: str) -> list[dict]:
     fetch.ensure_files(root, ["singleeq/questions.json"])
     rows = files.read_json_array(root / "singleeq" / "questions.json")
     return _convert(rows, lambda i, r: {"id": f"singleeq-{r['iIndex']}", "question": _text(r["sQuestion"]),
-                                        "answer": answers.format_number(_number(r["lSolutions"][0]))})
+                                        "answer": _number(r["lSolutions"][0])})
 
 
 def _csqa(root: Path, split: str) -> list[dict]:
     def make(i, r):
         choices = r["question"]["choices"]
         if [c["label"] for c in choices] != list(LETTERS.upper()) or r["answerKey"] not in LETTERS.upper():
-            raise ValueError(f"expected choices A-E and an answerKey among them, got {r['answerKey']!r}")
+            raise ValueError(f"expected choices A-E and an answerKey among them, got {_quote(r['answerKey'])}")
         texts = [_text(c["text"]) for c in choices]
         listed = " ".join(f"({a}) {t}" for a, t in zip(LETTERS, texts, strict=True))
         k = LETTERS.upper().index(r["answerKey"])
@@ -161,14 +174,13 @@ def _file_record(stem: str, i: int, r: dict) -> dict:
         raise TypeError(f"expected an object, got {type(r).__name__}")
     id_ = str(r.get("id", f"{stem}-{i}"))
     if "sQuestion" in r:
-        answer = answers.format_number(_number(r["lSolutions"][0]))
-        return {"id": id_, "question": _text(r["sQuestion"]), "answer": answer}
+        return {"id": id_, "question": _text(r["sQuestion"]), "answer": _number(r["lSolutions"][0])}
     question, answer = _text(r["question"]), r["answer"]
     if "choices" in r:
         texts = [_text(c) for c in r["choices"]]
         found = re.fullmatch(r"\(([a-e])\)\s*(.*)", _text(answer))
         if not 2 <= len(texts) <= len(LETTERS) or not found or LETTERS.index(found.group(1)) >= len(texts):
-            raise ValueError(f"expected 2-5 choices and an answer '(x) text' naming one, got {answer!r}")
+            raise ValueError(f"expected 2-5 choices and an answer '(x) text' naming one, got {_quote(answer)}")
         listed = " ".join(f"({a}) {t}" for a, t in zip(LETTERS, texts, strict=False))  # texts: 2-5 of the 5
         k = LETTERS.index(found.group(1))
         return {"id": id_, "question": f"{question}\nAnswer Choices: {listed}", "answer": f"({LETTERS[k]}) {texts[k]}",
@@ -176,13 +188,13 @@ def _file_record(stem: str, i: int, r: dict) -> dict:
     if isinstance(answer, str) and "####" in answer:
         answer = answer.rpartition("####")[2]
     if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
-        raise ValueError(f"answer {answer!r} is not a number")
-    return {"id": id_, "question": question, "answer": answers.format_number(_number(answer))}
+        raise ValueError(f"answer {_quote(answer)} is not a number")
+    return {"id": id_, "question": question, "answer": _number(answer)}
 
 
 def load_file(path: str | Path) -> list[dict]:
     """Records `{id, question, answer, choices?}` of a file of problems (`FILE_FORMATS`); a malformed record is
-    a ValueError naming the file and the record."""
+    a ValueError naming the file and the record, two records with one id a ValueError naming the id and both."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -194,8 +206,12 @@ def load_file(path: str | Path) -> list[dict]:
     records = _convert(rows, lambda i, r: _file_record(path.stem, i, r))
     if len({task_of(r) for r in records}) > 1:
         raise ValueError(f"{path}: mixes CSQA records (with choices) and math records")
-    if len({r["id"] for r in records}) != len(records):
-        raise ValueError(f"{path}: two records have the same id")
+    first = {}  # id -> where its first record is ("line 3", "item 2")
+    for (where, _), r in zip(rows, records, strict=True):
+        where = where.removeprefix(f"{path}, ")
+        if r["id"] in first:
+            raise ValueError(f"{path}: two records have the same id {_quote(r['id'])} ({first[r['id']]} and {where})")
+        first[r["id"]] = where
     return records
 
 
@@ -260,26 +276,58 @@ def task_of(record: dict) -> str:
 
 
 def task_ids(tok, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
-    """ids and labels of prompt + target (+ EOS); labels only on target tokens (-100 elsewhere)."""
+    """ids and labels of prompt + target (+ EOS); labels only on target tokens (-100 elsewhere). A text longer than
+    `max_length` tokens loses its end: the target's end first, then the prompt's."""
     enc = tok(prompt + target, return_offsets_mapping=True, truncation=True, max_length=max_length - 1)
     ids = enc["input_ids"] + [tok.eos_token_id]
     labels = [t if e > len(prompt) else -100 for t, (_, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
     return ids, labels + [tok.eos_token_id]
 
 
+def _target_cut(tok, prompt: str, target: str, labels: list[int], max_length: int) -> tuple[int, int]:
+    """(kept, lost): the target tokens `task_ids` kept in `labels` and those its cut at `max_length` dropped."""
+    kept = sum(t != -100 for t in labels[:-1])  # the last label is EOS
+    if len(labels) < max_length:  # shorter than the cut: nothing dropped
+        return kept, 0
+    whole = tok(prompt + target, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    return kept, sum(e > len(prompt) for _, e in whole) - kept
+
+
+# task -> (its prompt, the example's field it trains on after the prompt, what that target is called)
+TASKS = {"pre": (PRE_PROMPT, "answer", "answer target"), "exp": (EXP_PROMPT, "rationale", "rationale")}
+
+
+def _report_cuts(cuts: dict[str, list[tuple[int, int]]], max_length: int) -> None:
+    """One printed line counting the examples whose target the cut at `max_length` shortened (`cuts`: per task,
+    (kept, lost) of each example's target tokens); ValueError when a task kept no target token of any example."""
+    told, gone = [], []
+    for task, c in cuts.items():
+        shortened, whole = sum(lost > 0 for _, lost in c), sum(kept == 0 for kept, _ in c)
+        if shortened:
+            told.append(f"the {TASKS[task][2]} of {shortened} of {len(c)} examples, {whole} of them wholly")
+        if c and whole == len(c):
+            gone.append(TASKS[task][2])
+    if told:
+        print(f"[data] --max-length {max_length} cuts the end of longer texts: " + "; ".join(told))
+    if gone:
+        raise ValueError(f"--max-length {max_length} cuts the {' and the '.join(gone)} of all {len(cuts['pre'])} "
+                         "examples wholly: their labels would hold the end token alone; raise --max-length")
+
+
 def features(examples: list[dict], tok, max_length: int, rationale: bool = True, cache: dict | None = None,
              delimiters: str = ".") -> list[dict]:
     """One dict per example: ids and labels of the answer task and, with `rationale`, of the rationale task
     (`task_ids`); with a teacher cache (Eq. 2) also the student's token groups and the teacher's per-layer
-    A_t [L1, S, W] over the steps and words both tokenizers keep (`spans.align`), in the groups' order."""
-    out = []
+    A_t [L1, S, W] over the steps and words both tokenizers keep (`spans.align`), in the groups' order. One line
+    counts the targets cut at `max_length`; ValueError when a task has no target token left in any example."""
+    out, cuts = [], {task: [] for task in (("pre", "exp") if rationale else ("pre",))}
     for e in examples:
         f = {"id": e["id"]}
-        f["pre_ids"], f["pre_labels"] = task_ids(tok, PRE_PROMPT.format(question=e["question"]), " " + e["answer"],
-                                                 max_length)
-        if rationale:
-            f["exp_ids"], f["exp_labels"] = task_ids(tok, EXP_PROMPT.format(question=e["question"]),
-                                                     " " + e["rationale"], max_length)
+        for task in cuts:
+            template, field, _ = TASKS[task]
+            prompt, target = template.format(question=e["question"]), " " + e[field]
+            f[f"{task}_ids"], f[f"{task}_labels"] = task_ids(tok, prompt, target, max_length)
+            cuts[task].append(_target_cut(tok, prompt, target, f[f"{task}_labels"], max_length))
         if cache is not None:
             text, steps, words = spans.example_spans(e["question"], e["rationale"], EXP_PROMPT, e.get("keywords"),
                                                      delimiters)
@@ -292,6 +340,7 @@ def features(examples: list[dict], tok, max_length: int, rationale: bool = True,
             f["A_t"] = item["A"][:, rows][:, :, cols]  # [L1, S, W]
             f["groups"] = ([st[k] for k in step_ids], [wt[k] for k in word_ids])
         out.append(f)
+    _report_cuts(cuts, max_length)
     return out
 
 

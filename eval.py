@@ -145,7 +145,10 @@ def run(checkpoint, sets: list[str], data_dir=None, mode: str = "answer", batch_
     out.mkdir(parents=True, exist_ok=True)
     tests = {name: load_set(name, data_dir)[:limit] for name in sets}  # every set read before the model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(str(checkpoint), dtype=models.resolve_dtype(dtype, device))
+    try:  # a tokenizer larger than the embedding
+        model, tokenizer = load_model(str(checkpoint), dtype=models.resolve_dtype(dtype, device))
+    except ValueError as e:
+        cli.fail(e)
     weights = weights_hash(model)
     model.to(device)
     settings = {"mode": mode, "answer_target": answer_target, "max_new_tokens": new_tokens, "dtype": str(model.dtype),

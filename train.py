@@ -202,8 +202,11 @@ def fit(args, examples, cache, state, device):
     """Train from step 0, or from `state` (--resume), to --max-steps; returns the last step's log row."""
     source = rundir.checkpoint_dir(args.out) if state else args.student
     attn = capture.register() if args.method == "molsaki" else "sdpa"
-    lm, tok = models.load_model(str(source), attn_implementation=attn)
-    feats = features(args, examples, tok, cache)
+    try:  # a tokenizer larger than the embedding, a --max-length that leaves a task no target
+        lm, tok = models.load_model(str(source), attn_implementation=attn)
+        feats = features(args, examples, tok, cache)
+    except ValueError as e:
+        cli.fail(e)
     router = None
     if args.method == "molsaki" and not args.layer_map:
         router = mol.StudentRouter(capture.value_dim(lm.config), lm.config.num_hidden_layers, args.tau2)

@@ -2,6 +2,7 @@
 `error: <what and how to fix>`, and exit status 2, with no traceback, before any model is loaded when the flags
 alone show it (layer ranges right after the two configs are read). A few cases run as real processes."""
 
+import json
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 import eval as eval_
 import train
@@ -162,13 +164,15 @@ def test_train_data_missing_and_not_fetchable(capsys, no_model_loads, tiny_stude
     assert not any(p.is_file() for p in empty.rglob("*"))  # nothing half-written
 
 
-def stops_with_error(capsys, argv, expect):
-    """train.main(argv), past its progress bars, exits 2 with an `error:` line containing `expect`, no traceback."""
+def stops_with_error(capsys, argv, expect, main=train.main):
+    """main(argv), past its progress bars, exits 2 with an `error:` line containing `expect`, no traceback; returns
+    what it printed on stdout."""
     with pytest.raises(SystemExit) as stop:
-        train.main(argv)
-    err = capsys.readouterr().err
+        main(argv)
+    out, err = capsys.readouterr()
     assert stop.value.code == 2 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("error: ") and expect in err.strip().splitlines()[-1], err
+    return out
 
 
 def test_train_stage_problems_are_one_line(capsys, tiny_teacher_dir, tiny_student_dir, tmp_path):
@@ -209,3 +213,46 @@ def test_train_answer_target_flag():
 ])
 def test_eval_answer_target_mistakes(argv, expect, capsys, no_model_loads):
     one_line_error(capsys, eval_.main, ["--checkpoint", "runs/x/checkpoint", *argv], expect)
+
+
+def outgrow_embeddings(folder):
+    """Tokens added to the tokenizer saved in `folder` until it has 3 more than the embedding rows of the weights
+    there (config.json's vocab_size); returns (tokens, rows), the tokens counted in tokenizer.json."""
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens([f"<extra_{k}>" for k in range(rows + 3 - len(tok))])
+    tok.save_pretrained(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    return len(set(spec["model"]["vocab"]) | {t["content"] for t in spec["added_tokens"]}), rows
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_one_line(capsys, tiny_student_dir, tmp_path):
+    """A checkpoint whose tokenizer has more tokens than its embedding has rows is refused when it loads, naming
+    both sizes: by eval.py, by train.py as --student, and by train.py --resume as the run's checkpoint. (The tiny
+    student has fewer tokens than rows, a padded vocabulary, and trains.)"""
+    bad = shutil.copytree(tiny_student_dir, tmp_path / "bad")
+    tokens, rows = outgrow_embeddings(bad)
+    assert tokens == rows + 3
+    sizes = f"its tokenizer has {tokens} tokens, more than the {rows} rows of its input embeddings"
+    stops_with_error(capsys, ["--checkpoint", str(bad), "--sets", "builtin", "--limit", "1"],
+                     f"model '{bad}': {sizes}", eval_.main)
+    common = ["--method", "vanilla", "--n-train", "4", "--batch-size", "2", "--max-steps", "1", "--eval-sets", ""]
+    stops_with_error(capsys, [*common, "--student", str(bad), "--out", str(tmp_path / "a")], f"model '{bad}': {sizes}")
+
+    run = [*common, "--student", tiny_student_dir, "--out", str(tmp_path / "b")]
+    train.main(run)
+    checkpoint = tmp_path / "b" / "checkpoint"
+    assert outgrow_embeddings(checkpoint) == (tokens, rows)
+    capsys.readouterr()
+    stops_with_error(capsys, [*run, "--resume"], f"model '{checkpoint}': {sizes}")
+
+
+def test_train_max_length_that_cuts_every_answer(capsys, tiny_student_dir, tmp_path):
+    """--max-length 16 leaves every built-in problem's prompt (longer than 15 tokens) no room for its answer: one
+    line counts the cut answers, then one error line, before a step is taken."""
+    argv = ["--method", "vanilla", "--n-train", "4", "--batch-size", "2", "--max-steps", "1", "--eval-sets", "",
+            "--student", tiny_student_dir, "--max-length", "16", "--out", str(tmp_path)]
+    out = stops_with_error(capsys, argv, "--max-length 16 cuts the answer target of all 4 examples wholly")
+    assert "[data] --max-length 16 cuts the end of longer texts: the answer target of 4 of 4 examples, 4 of them " \
+           "wholly\n" in out
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "log.jsonl").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_tokenizers import bytelevel_tokenizer
+from tiny_tokenizers import bytelevel_tokenizer, metaspace_tokenizer
 
 import data
 import train
@@ -22,7 +22,7 @@ from data import (
     load_file,
     load_palm_rationales,
 )
-from plumbing import fetch, flags
+from plumbing import fetch, flags, problems
 from plumbing.answers import format_number, safe_eval
 
 DATA = Path(os.environ.get("MOLSAKI_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -78,14 +78,17 @@ def test_unknown_dataset_or_split(tmp_path):
         load_palm_rationales("gsm8k", "train", tmp_path)
 
 
-def test_malformed_jsonl_names_file_and_line(tmp_path, monkeypatch):
-    (tmp_path / "gsm8k").mkdir()
-    path = tmp_path / "gsm8k" / "train.jsonl"
+def register(monkeypatch, root, name, text):
+    """A made-up data file at `root`/`name`, registered in the fetch table under its own SHA-256 so that it is read."""
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+    source = fetch.FILES[name]._replace(sha256=hashlib.sha256(text.encode()).hexdigest())
+    monkeypatch.setitem(fetch.FILES, name, source)
 
-    def write(text):  # a made-up file, registered in the fetch table under its own SHA-256 so that it is read
-        path.write_text(text)
-        source = fetch.FILES["gsm8k/train.jsonl"]._replace(sha256=hashlib.sha256(text.encode()).hexdigest())
-        monkeypatch.setitem(fetch.FILES, "gsm8k/train.jsonl", source)
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, monkeypatch):
+    def write(text):
+        register(monkeypatch, tmp_path, "gsm8k/train.jsonl", text)
 
     good = json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"})
     write(good + "\n" + '{"question": "broken' + "\n")
@@ -341,3 +344,152 @@ def test_answer_target_equation_needs_svamp_data():
     args.data = "gsm8k"  # past the flag checks
     with pytest.raises(ValueError, match="--answer-target equation: equations exist for --data svamp only"):
         train.training_examples(args, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# An error about a bad record names the record and stays one readable line, whatever the record holds.
+
+
+def test_duplicate_ids_name_the_id_and_both_places(tmp_path):
+    """Hand-written files: ids given, and a given id equal to the default one (<stem>-<index>); JSON Lines count
+    lines from 1 (a blank line counts), a JSON array counts items from 0."""
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text('{"question": "Q1?", "answer": "1", "id": "a"}\n'
+                     "\n"
+                     '{"question": "Q2?", "answer": "2", "id": "b"}\n'
+                     '{"question": "Q3?", "answer": "3", "id": "a"}\n')
+    with pytest.raises(ValueError) as err:
+        load_file(jsonl)
+    assert str(err.value) == f"{jsonl}: two records have the same id 'a' (line 1 and line 4)"
+    jsonl.write_text('{"question": "Q1?", "answer": "1"}\n'
+                     '{"question": "Q2?", "answer": "2"}\n'
+                     '{"question": "Q3?", "answer": "3", "id": "mine-0"}\n')
+    with pytest.raises(ValueError) as err:
+        load_file(jsonl)
+    assert str(err.value) == f"{jsonl}: two records have the same id 'mine-0' (line 1 and line 3)"
+    array = tmp_path / "mine.json"
+    array.write_text('[{"question": "Q1?", "answer": "1", "id": 7},\n'
+                     ' {"question": "Q2?", "answer": "2"},\n'
+                     ' {"question": "Q3?", "answer": "3", "id": "7"}]')
+    with pytest.raises(ValueError) as err:
+        load_file(array)
+    assert str(err.value) == f"{array}: two records have the same id '7' (item 0 and item 2)"
+
+
+BIG = 1_000_000  # characters of the value in a record; an error line may hold 80 of them
+
+
+def shown(value_repr):
+    """What an error line shows of a value whose repr is `value_repr` (written out here, not taken from data.py)."""
+    return value_repr[:80] + f"... ({len(value_repr)} characters)"
+
+
+@pytest.mark.parametrize("record, expect", [
+    ({"question": "Q?", "answer": "x" * BIG}, shown("'" + "x" * BIG + "'") + " is not a number"),
+    ({"question": "Q?", "answer": "9" * BIG}, shown("'" + "9" * BIG + "'") + " is not a finite number"),
+    ({"question": "Q?", "answer": "#### " + "x" * BIG}, shown("' " + "x" * BIG + "'") + " is not a number"),
+    ({"question": "Q?", "answer": {"k": "x" * BIG}}, "answer " + shown("{'k': '" + "x" * BIG + "'}")),
+    ({"question": ["x" * BIG], "answer": "1"}, "expected non-empty text, got " + shown("['" + "x" * BIG + "']")),
+    ({"question": "Q?", "choices": ["a", "b"], "answer": "(c) " + "x" * BIG}, shown("'(c) " + "x" * BIG + "'")),
+    ({"question": "Q?", "choices": ["a", "x" * BIG], "answer": "(c) x"}, "got '(c) x'"),
+    ({"sQuestion": "Q?", "lSolutions": ["x" * BIG]}, shown("'" + "x" * BIG + "'") + " is not a number"),
+])
+def test_a_huge_value_in_a_record_is_cut_in_its_error(tmp_path, record, expect):
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"question": "Q0?", "answer": "1"}\n' + json.dumps(record) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_file(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}, line 2: malformed record") and expect in message, message[:300]
+    assert "\n" not in message and len(message) - len(str(path)) < 250, message[:300]
+
+
+def test_a_huge_duplicate_id_is_cut(tmp_path):
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{k}?", "answer": "1", "id": "x" * BIG}) + "\n" for k in (1, 2)))
+    with pytest.raises(ValueError) as err:
+        load_file(path)
+    assert str(err.value) == f"{path}: two records have the same id {shown(repr('x' * BIG))} (line 1 and line 2)"
+
+
+@pytest.mark.parametrize("name, path, row, expect", [
+    ("gsm8k", "gsm8k/train.jsonl", {"question": "Q?", "answer": "#### " + "9" * BIG},
+     shown("' " + "9" * BIG + "'") + " is not a finite number"),
+    ("csqa", "commonsenseqa/official/train_rand_split.jsonl",
+     {"id": "c1", "answerKey": "F" * BIG, "question": {"stem": "Where?", "choices": [
+         {"label": x, "text": x.lower()} for x in "ABCDE"]}}, "answerKey among them, got " + shown(repr("F" * BIG))),
+])
+def test_a_huge_value_in_a_data_set_is_cut_in_its_error(tmp_path, monkeypatch, name, path, row, expect):
+    register(monkeypatch, tmp_path, path, json.dumps(row) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_dataset(name, "train", tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / path}, line 1: malformed record") and expect in message, message[:300]
+    assert "\n" not in message and len(message) - len(str(tmp_path / path)) < 250, message[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# --max-length: what the cut takes (the end of the text), the line counting the targets it cut, and the refusal when
+# a task has no target token left.
+
+
+def target_tokens(feature, task):
+    """The labelled tokens of a task, without the final EOS: what is left of its target."""
+    return sum(t != -100 for t in feature[f"{task}_labels"][:-1])
+
+
+def test_max_length_counts_the_targets_it_cuts(capsys):
+    """The oracle is the features at a length that cuts nothing: at a shorter length an example lost its target when
+    fewer of its tokens are labelled, wholly when none is; every text keeps the beginning of its uncut tokens."""
+    tok = bytelevel_tokenizer()
+    examples = problems.make_problems(12, seed=0)
+    whole = data.features(examples, tok, 10_000)
+    assert capsys.readouterr().out == ""  # nothing cut, nothing said
+    covered = set()
+    for m in (30, 45, 60, 75, 100, 150):
+        cut = data.features(examples, tok, m)
+        told = []
+        for task, name in (("pre", "answer target"), ("exp", "rationale")):
+            for c, w in zip(cut, whole, strict=True):  # the end goes first: what is left is the text's beginning
+                assert c[f"{task}_ids"][:-1] == w[f"{task}_ids"][:-1][:m - 1]
+                assert c[f"{task}_labels"][:-1] == w[f"{task}_labels"][:-1][:m - 1]
+                assert c[f"{task}_ids"][-1] == c[f"{task}_labels"][-1] == tok.eos_token_id
+            left = [target_tokens(c, task) for c in cut]
+            lost = sum(n < target_tokens(w, task) for n, w in zip(left, whole, strict=True))
+            if lost:
+                told.append(f"the {name} of {lost} of 12 examples, {left.count(0)} of them wholly")
+                covered |= {(task, "partly")} if lost > left.count(0) else set()
+                covered |= {(task, "wholly")} if left.count(0) else set()
+        expect = f"[data] --max-length {m} cuts the end of longer texts: " + "; ".join(told) + "\n" if told else ""
+        assert capsys.readouterr().out == expect
+    assert {("pre", "partly"), ("pre", "wholly"), ("exp", "partly"), ("exp", "wholly")} <= covered
+
+
+def test_max_length_refuses_a_task_left_without_target(capsys):
+    tok = bytelevel_tokenizer()
+    examples = problems.make_problems(12, seed=0)
+    shortest = min(len(tok(PRE_PROMPT.format(question=e["question"]))["input_ids"]) for e in examples)
+    m = shortest + 1  # every prompt fills the m - 1 tokens before EOS
+    for rationale, gone in ((True, "the answer target and the rationale"), (False, "the answer target")):
+        with pytest.raises(ValueError) as err:
+            data.features(examples, tok, m, rationale)
+        assert str(err.value) == (f"--max-length {m} cuts {gone} of all 12 examples wholly: their labels would hold "
+                                  "the end token alone; raise --max-length")
+    capsys.readouterr()
+
+    # The rationale alone: under the SentencePiece-style tokenizer "Rationale:" is one token longer than "Answer:",
+    # so a length that keeps the answer's first token leaves the rationale none.
+    tok = metaspace_tokenizer()
+    question = "What is 2 + 3?"
+    examples = [{"id": f"r{k}", "question": question, "answer": "5", "rationale": r}
+                for k, r in enumerate(["2 + 3 = 5.", "Two and three make five.", "Add them."])]
+    m = len(tok(EXP_PROMPT.format(question=question))["input_ids"]) + 1  # the rationale's prompt fills m - 1
+    pre = len(tok(PRE_PROMPT.format(question=question))["input_ids"])
+    assert pre < m - 1 < len(tok(PRE_PROMPT.format(question=question) + " 5")["input_ids"])  # the answer: partly
+    with pytest.raises(ValueError) as err:
+        data.features(examples, tok, m)
+    assert str(err.value).startswith(f"--max-length {m} cuts the rationale of all 3 examples wholly: ")
+    assert capsys.readouterr().out == (f"[data] --max-length {m} cuts the end of longer texts: the answer target of 3 "
+                                       "of 3 examples, 0 of them wholly; the rationale of 3 of 3 examples, 3 of them "
+                                       "wholly\n")
+    assert len(data.features(examples, tok, m, rationale=False)) == 3  # vanilla trains no rationale

@@ -2,6 +2,7 @@
 that cannot work (no tokenizer, truncated weights), and (slow) the real SmolLM2 conversion."""
 
 import importlib.util
+import json
 import shutil
 
 import pytest
@@ -151,3 +152,35 @@ def test_smollm2_converts_once(tmp_path, monkeypatch, capsys):
     text = "Mary has 12 apples."
     enc = tok2(text, return_offsets_mapping=True)
     assert [text[a:b] for a, b in enc["offset_mapping"]][-5:] == [" ", "1", "2", " apples", "."]
+
+
+def vocabulary_size(folder):
+    """The tokens of a saved tokenizer, counted in its tokenizer.json: the model's vocabulary and the added tokens."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    return len(set(spec["model"]["vocab"]) | {t["content"] for t in spec["added_tokens"]})
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    """More tokens than embedding rows: ids without an embedding, a ValueError naming both sizes. As many, or fewer
+    (a vocabulary padded to a round number, as GPT-2's or SmolLM2's), loads."""
+    folder = tmp_path / "tiny"
+    save_tiny(folder)
+    tokens = vocabulary_size(folder)
+
+    def weights(rows):  # weights with `rows` embedding rows beside the tokenizer
+        LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+
+    for rows in (tokens, tokens + 60):
+        weights(rows)
+        model, tok = models.load_model(str(folder))
+        assert model.get_input_embeddings().weight.shape[0] == rows and len(tok) == tokens
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    tok.save_pretrained(folder)
+    assert vocabulary_size(folder) == tokens + 2
+    weights(tokens + 1)
+    with pytest.raises(ValueError) as error:
+        models.load_model(str(folder))
+    message = str(error.value)
+    assert f"its tokenizer has {tokens + 2} tokens, more than the {tokens + 1} rows of its input embeddings" in message
+    assert "\n" not in message
