@@ -17,6 +17,8 @@ def read_json(text: str, where: str):
         raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
     except RecursionError:
         raise ValueError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as e:  # an integer literal past Python's digit limit
+        raise ValueError(f"{where}: cannot read it ({str(e)[:120]})") from None
 
 
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:

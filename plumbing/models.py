@@ -184,8 +184,10 @@ def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"
     inputs to its device; it must not be `.to()`-ed afterwards, and its inputs go to the device of its input
     embeddings (`model.device`, its first parameter's).
 
-    A tokenizer with more tokens than the input embeddings have rows is a ValueError (one line, both sizes): those
-    ids have no embedding. Fewer tokens than rows is a padded vocabulary, and loads."""
+    A tokenizer whose vocabulary has more tokens than the input embeddings have rows belongs to other weights: a
+    ValueError (one line, both sizes). Fewer tokens than rows is a padded vocabulary, and loads; so do tokens added
+    to the tokenizer past the rows (Gemma 3's `<image_soft_token>`, Code Llama's infill tokens), which no ordinary
+    text produces."""
     path = _path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -193,11 +195,11 @@ def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"
     placed = {} if device_map is None else {"device_map": device_map}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                  **placed)
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:  # fewer tokens than rows is a padded vocabulary (GPT-2, SmolLM2): fine
-        raise ValueError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens, more than the {rows} rows of "
-                         f"its input embeddings, so token ids {rows} and up have no embedding: save the tokenizer "
-                         "these weights were trained with beside them")
+    rows, vocabulary = model.get_input_embeddings().num_embeddings, tokenizer.vocab_size  # without added tokens
+    if vocabulary > rows:
+        raise ValueError(f"model {name!r}: its tokenizer has {vocabulary} tokens, more than the {rows} rows of its "
+                         f"input embeddings, so token ids {rows} and up have no embedding: save the tokenizer these "
+                         "weights were trained with beside them")
     return model, tokenizer
 
 

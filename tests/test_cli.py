@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import eval as eval_
 import train
@@ -216,20 +216,19 @@ def test_eval_answer_target_mistakes(argv, expect, capsys, no_model_loads):
 
 
 def outgrow_embeddings(folder):
-    """Tokens added to the tokenizer saved in `folder` until it has 3 more than the embedding rows of the weights
-    there (config.json's vocab_size); returns (tokens, rows), the tokens counted in tokenizer.json."""
-    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.add_tokens([f"<extra_{k}>" for k in range(rows + 3 - len(tok))])
-    tok.save_pretrained(folder)
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    return len(set(spec["model"]["vocab"]) | {t["content"] for t in spec["added_tokens"]}), rows
+    """The weights in `folder` cut to 3 embedding rows fewer than its tokenizer's vocabulary (as another model's
+    tokenizer beside them would be); returns (tokens, rows), the tokens counted in tokenizer.json's vocabulary."""
+    tokens = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(tokens - 3)
+    model.save_pretrained(folder)
+    return tokens, json.loads((folder / "config.json").read_text())["vocab_size"]
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_one_line(capsys, tiny_student_dir, tmp_path):
-    """A checkpoint whose tokenizer has more tokens than its embedding has rows is refused when it loads, naming
-    both sizes: by eval.py, by train.py as --student, and by train.py --resume as the run's checkpoint. (The tiny
-    student has fewer tokens than rows, a padded vocabulary, and trains.)"""
+    """A checkpoint whose tokenizer's vocabulary has more tokens than its embedding has rows is refused when it
+    loads, naming both sizes: by eval.py, by train.py as --student, and by train.py --resume as the run's checkpoint.
+    (The tiny student has fewer tokens than rows, a padded vocabulary, and trains.)"""
     bad = shutil.copytree(tiny_student_dir, tmp_path / "bad")
     tokens, rows = outgrow_embeddings(bad)
     assert tokens == rows + 3

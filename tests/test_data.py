@@ -493,3 +493,13 @@ def test_max_length_refuses_a_task_left_without_target(capsys):
                                        "of 3 examples, 0 of them wholly; the rationale of 3 of 3 examples, 3 of them "
                                        "wholly\n")
     assert len(data.features(examples, tok, m, rationale=False)) == 3  # vanilla trains no rationale
+
+
+def test_a_json_integer_past_pythons_digit_limit_is_one_short_line(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"question": "Q?", "answer": 1}) + "\n" + '{"question": "Q?", "answer": ' + "9" * 5000
+                    + "}\n")
+    with pytest.raises(ValueError) as error:
+        load_file(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}, line 2: cannot read it (") and len(message) < len(str(path)) + 200

@@ -161,8 +161,9 @@ def vocabulary_size(folder):
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
-    """More tokens than embedding rows: ids without an embedding, a ValueError naming both sizes. As many, or fewer
-    (a vocabulary padded to a round number, as GPT-2's or SmolLM2's), loads."""
+    """A vocabulary of more tokens than embedding rows: ids without an embedding, a ValueError naming both sizes. As
+    many, or fewer (a vocabulary padded to a round number, as GPT-2's or SmolLM2's), loads, and so do tokens added
+    past the rows (as Gemma 3's <image_soft_token>)."""
     folder = tmp_path / "tiny"
     save_tiny(folder)
     tokens = vocabulary_size(folder)
@@ -175,12 +176,15 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
         weights(rows)
         model, tok = models.load_model(str(folder))
         assert model.get_input_embeddings().weight.shape[0] == rows and len(tok) == tokens
+    base = tok.vocab_size  # the vocabulary itself, without added tokens
     tok.add_tokens(["<extra_a>", "<extra_b>"])
     tok.save_pretrained(folder)
     assert vocabulary_size(folder) == tokens + 2
-    weights(tokens + 1)
+    weights(tokens)
+    assert len(models.load_model(str(folder))[1]) == tokens + 2  # added past the rows: loads
+    weights(base - 1)
     with pytest.raises(ValueError) as error:
         models.load_model(str(folder))
     message = str(error.value)
-    assert f"its tokenizer has {tokens + 2} tokens, more than the {tokens + 1} rows of its input embeddings" in message
+    assert f"its tokenizer has {base} tokens, more than the {base - 1} rows of its input embeddings" in message
     assert "\n" not in message
