@@ -113,7 +113,7 @@ def test_alternating_process_runs_the_same_steps():
     """In the alternating process one molsaki-attention model (with the router of all routes) takes every route:
     its dss step must give the gradients of an SDPA model's, and its naive step (switched to eager) those of an
     eager model's."""
-    cfg = {"model": "tiny-llama", "seq_len": 96, "batch_size": 2}
+    cfg = {"model": "tiny-llama", "seq_len": 256, "batch_size": 2}
     device = torch.device("cpu")
 
     def gradients(attn, route, routes):
@@ -135,7 +135,7 @@ def test_alternating_process_runs_the_same_steps():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def batch_for(student, tok, n_examples=3, n_tokens=96):
+def batch_for(student, tok, n_examples=3, n_tokens=256):
     args = flags.parse_args(["--method", "molsaki", "--max-length", str(n_tokens)])
     examples = bench.long_examples(tok, n_examples, n_tokens)
     feats = train.features(args, examples, tok, bench.fake_cache(tok, examples, n_tokens))
@@ -330,7 +330,7 @@ def test_step_flops(model):
     that multiplies matrices goes uncounted. mmi = dss (its loss has no matrix product); vanilla < dss < molsaki.
     Llama (no dropout): every SDPA call is counted by hand, vanilla's exactly attention_flops per layer of its batch;
     GPT-2 (attention dropout): SDPA runs its math path, seen by the counter, except the capture's call for pi."""
-    cfg = {"model": model, "batch_size": 2, "seq_len": 64}
+    cfg = {"model": model, "batch_size": 2, "seq_len": 256}
     fake, real = (bench.bench_flops(dict(cfg, fake=f), torch.device("cpu")) for f in (True, False))
     assert fake == real
     assert all(fake[m]["uncounted"] == [] for m in bench.FLOP_ROUTES)
