@@ -11,7 +11,7 @@ files.load_torch (no code in them runs); one that cannot be read, or a run that 
 `error: ...`, exit status 2.
 
 Choices:
-- The run is rebuilt from checkpoint/trainer_state.pt "args" (flags.parse_args, data.training_examples: built-in
+- The run is rebuilt from checkpoint/trainer_state.pt "args" (flags.parse_args, train.training_examples: built-in
   problems regenerate, the teacher's rationales are read from the run's rationales.jsonl; real data needs
   --data-dir when the run read $MOLSAKI_DATA). A_t, p_t, the student's token groups and the kept steps/words are
   those of data.features, so only molsaki runs can be drawn.
@@ -76,7 +76,7 @@ def load_run(run_dir, data_dir=None):
 
 
 def _teacher(args):
-    """The run's teacher (model, tokenizer) in eval mode, for data.training_examples when it asks for it."""
+    """The run's teacher (model, tokenizer) in eval mode, for train.training_examples when it asks for it."""
     model, tok = models.load_model(args.teacher, attn_implementation=capture.register())
     return model.eval(), tok
 

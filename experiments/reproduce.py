@@ -43,7 +43,7 @@ Running a grid (`run_grid`):
   directory.
 - Shared teacher stage. train.py writes rationales.jsonl (teacher rationales), keywords.jsonl (CSQA keywords) and
   teacher_cache.pt (molsaki) into its --out and reuses them when present (the cache only if its metadata match,
-  data.load_attention_cache). Runs whose flags agree on everything but training-only flags (`TRAINING_ONLY`) have
+  teacher.load_attention_cache). Runs whose flags agree on everything but training-only flags (`TRAINING_ONLY`) have
   the same teacher stage: the first run that needs most of these files (a molsaki run) goes first, and every
   other run of the group starts once that run has passed its teacher stage (its log.jsonl exists, or it ended),
   with the files it needs copied from it (the cache hardlinked, as train.py only reads or replaces it; the JSONL
@@ -63,7 +63,10 @@ it, the exact McNemar p-value of each seed pair (`mcnemar_exact`). Each run's ac
 interval (`wilson`), and each run with its commit, versions and device (run.json), training seconds (sum of `sec`
 in log.jsonl), wall seconds of its commands (reproduce.log.jsonl), the loss terms (pre, exp, att, mmi: mean of the
 first and of the last 10% of steps) and, for molsaki runs, the mean p_s and p_t of the last 10% of steps. The
-untrained student and the teacher are rows of the accuracy table.
+untrained student and the teacher are rows of the accuracy table. Every run's SVAMP answer-mode accuracy is also
+split into the test items whose gold equation is verbatim a training label (`svamp_overlap`, read from the data
+directory) and the rest; a `-eq` run's answer-mode numbers outside SVAMP are marked † (the evaluator computed the
+student's equation: calculator-assisted).
 
 What the report does with a directory it cannot read as it is (an error is one `error:` line and exit status 2 on
 the command line, `GridError` from `report`; nothing is written then):
@@ -71,21 +74,9 @@ the command line, `GridError` from `report`; nothing is written then):
   nothing yet). At the end of a grid, this prints `no report` instead, and the grid's exit status stands.
 - run.json that is not JSON: an error naming it (mend it: a resume needs its record of the run's flags and data).
 - log.jsonl and reproduce.log.jsonl are appended line by line, so a last line without its newline was cut by a
-  kill: it is dropped, as plumbing/files.py's `read_appended` drops it. A line that is not JSON anywhere else, or in an
-  eval_<set>_<mode>.jsonl (written whole, then renamed), is an error naming the file and line.
+  kill: it is dropped, as plumbing/files.py's `read_appended` drops it. A line that is not JSON anywhere else, or in
+  an eval_<set>_<mode>.jsonl (written whole, then renamed), is an error naming the file and line.
 - An empty eval_<set>_<mode>.jsonl: a warning naming it, and the run has no result for that set and mode.
-
-Public functions:
-    wilson(k, n, z) -> (lo, hi)              Wilson score interval of k / n.
-    mcnemar_exact(b, c) -> p                 exact two-sided McNemar test from the discordant counts.
-    paired_bootstrap(a, b, n_boot, seed) -> {diff, lo, hi, p}   over aligned 0/1 item vectors, one row per seed.
-    grid(spec, out, seeds) -> [job]          the jobs of a grid (a spec as in `PRESETS`), in the order they run.
-    commands(job) -> [argv]                  what a job still has to run.
-    run_grid(spec, out, jobs, seeds) -> exit status    runs the grid, then writes the report.
-    dry_run(spec, out, jobs, seeds) -> text  the commands run_grid would run now.
-    report(out) -> results                   writes results.md, results.json, results.png, losses.png.
-    GridError                                a grid directory that cannot be used as it is.
-    parse_args(argv), main(argv)             the command line.
 """
 
 import ctypes

@@ -232,7 +232,7 @@ def data_files(names: list[str], data_dir) -> dict[str, str]:
 
 def training_data(data_name: str, n_train: int, data_dir) -> dict[str, str]:
     """SHA-256 of the training set --data: its files (`data_files`), or for `builtin` its records, the first
-    `n_train` built-in problems (data.training_examples reads seed 0) as JSON, since their generator is code."""
+    `n_train` built-in problems (train.training_examples reads seed 0) as JSON, since their generator is code."""
     if data_name != "builtin":
         return data_files([data_name], data_dir)
     records = json.dumps(problems.make_problems(n_train, seed=0), sort_keys=True)

@@ -1,7 +1,7 @@
 """Tests for the teacher side (docs/design.md, "Teacher rationales" and "Stages"): few-shot prompts, cutting teacher
 outputs, dual-phase rationales with resume, CSQA keywords, and the teacher attention cache checked against eager
 attention on each example alone (`attention.stepwise_attention`, the definition of Eq. 2), directly and through
-train.py (data.training_examples, data.teacher_cache, train.teacher_stage). The slow test runs gemma3-270m as the
+train.py (train.training_examples, train.attention_cache, train.teacher_stage). The slow test runs gemma3-270m as the
 teacher on 20 SVAMP items."""
 
 import json
@@ -431,7 +431,7 @@ def test_texts_hash():
 
 
 # ---------------------------------------------------------------------------------------------
-# The teacher side through train.py: data.training_examples and data.teacher_cache, and train.teacher_stage, which
+# The teacher side through train.py: train.training_examples and train.attention_cache, and train.teacher_stage, which
 # calls them with a teacher that loads on first use.
 
 
