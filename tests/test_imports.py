@@ -12,19 +12,28 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = {p.stem: p for p in ROOT.glob("*.py")}
+MODULES = {p.stem: p for p in ROOT.glob("*.py")} | {f"plumbing.{p.stem}": p for p in ROOT.glob("plumbing/*.py")
+                                                    if p.stem != "__init__"}
 CORE = {"spans", "attention", "capture", "mol", "losses"}
 
 
 def imports(path):
-    """The project modules a file imports anywhere in it (top level or inside functions)."""
+    """The project modules a file imports anywhere in it (top level or inside functions); a plumbing module by its
+    dotted name, plumbing.models."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name if a.name.startswith("plumbing.") else a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "plumbing":
+            names |= {f"plumbing.{a.name}" for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module if node.module.startswith("plumbing.") else node.module.split(".")[0])
     return names & set(MODULES)
+
+
+def test_plumbing_is_seen():  # the graph below reads the plumbing modules by their dotted names
+    assert imports(MODULES["train"]) >= {"plumbing.rundir", "plumbing.flags", "data", "teacher"}
+    assert imports(MODULES["eval"]) >= {"plumbing.answers", "plumbing.models"}
 
 
 def test_core_imports_only_core():
