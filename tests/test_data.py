@@ -350,31 +350,21 @@ def test_answer_target_equation_needs_svamp_data():
 # An error about a bad record names the record and stays one readable line, whatever the record holds.
 
 
-def test_duplicate_ids_name_the_id_and_both_places(tmp_path):
+@pytest.mark.parametrize("name, text, where", [
+    ("mine.jsonl", '{"question": "Q1?", "answer": "1", "id": "a"}\n\n{"question": "Q2?", "answer": "2", "id": "b"}\n'
+     '{"question": "Q3?", "answer": "3", "id": "a"}\n', "'a' (line 1 and line 4)"),
+    ("mine.jsonl", '{"question": "Q1?", "answer": "1"}\n{"question": "Q2?", "answer": "2"}\n'
+     '{"question": "Q3?", "answer": "3", "id": "mine-0"}\n', "'mine-0' (line 1 and line 3)"),
+    ("mine.json", '[{"question": "Q1?", "answer": "1", "id": 7},\n {"question": "Q2?", "answer": "2"},\n'
+     ' {"question": "Q3?", "answer": "3", "id": "7"}]', "'7' (item 0 and item 2)")])
+def test_duplicate_ids_name_the_id_and_both_places(name, text, where, tmp_path):
     """Hand-written files: ids given, and a given id equal to the default one (<stem>-<index>); JSON Lines count
     lines from 1 (a blank line counts), a JSON array counts items from 0."""
-    jsonl = tmp_path / "mine.jsonl"
-    jsonl.write_text('{"question": "Q1?", "answer": "1", "id": "a"}\n'
-                     "\n"
-                     '{"question": "Q2?", "answer": "2", "id": "b"}\n'
-                     '{"question": "Q3?", "answer": "3", "id": "a"}\n')
+    path = tmp_path / name
+    path.write_text(text)
     with pytest.raises(ValueError) as err:
-        load_file(jsonl)
-    assert str(err.value) == f"{jsonl}: two records have the same id 'a' (line 1 and line 4)"
-    jsonl.write_text('{"question": "Q1?", "answer": "1"}\n'
-                     '{"question": "Q2?", "answer": "2"}\n'
-                     '{"question": "Q3?", "answer": "3", "id": "mine-0"}\n')
-    with pytest.raises(ValueError) as err:
-        load_file(jsonl)
-    assert str(err.value) == f"{jsonl}: two records have the same id 'mine-0' (line 1 and line 3)"
-    array = tmp_path / "mine.json"
-    array.write_text('[{"question": "Q1?", "answer": "1", "id": 7},\n'
-                     ' {"question": "Q2?", "answer": "2"},\n'
-                     ' {"question": "Q3?", "answer": "3", "id": "7"}]')
-    with pytest.raises(ValueError) as err:
-        load_file(array)
-    assert str(err.value) == f"{array}: two records have the same id '7' (item 0 and item 2)"
-
+        load_file(path)
+    assert str(err.value) == f"{path}: two records have the same id {where}"
 
 BIG = 1_000_000  # characters of the value in a record; an error line may hold 80 of them
 
