@@ -229,7 +229,7 @@ def test_correct_but_empty_rationale_goes_to_phase2(six, tmp_path, monkeypatch, 
     assert "1 of 6 items kept (0 phase 1, 1 phase 2); 5 correct but empty" in capsys.readouterr().out
 
 
-def test_rationale_file_from_before_the_cut_is_refused(six, tmp_path):
+def test_rationale_file_without_the_cut_statement_is_refused(six, tmp_path):
     """A rationales.jsonl whose rows kept the answer statement inside the rationale (no "statement" field) is
     an error, never mixed with rationales cut before it."""
     path = tmp_path / "r.jsonl"
