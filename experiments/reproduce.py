@@ -882,7 +882,8 @@ def _loss_figure(results, path):
                         label=f"{r['method']} s{r['seed']}")
             ax.set_title(f"{name}: {term}" if term == "pre" else term, fontsize=9)
             ax.set_xlabel("step")
-        row[0].legend(fontsize=6)
+        if row[0].get_legend_handles_labels()[0]:  # a setting whose runs logged no loss has no curve to name
+            row[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
