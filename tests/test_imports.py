@@ -18,16 +18,17 @@ CORE = {"spans", "attention", "capture", "mol", "losses"}
 
 
 def imports(path):
-    """The project modules a file imports anywhere in it (top level or inside functions); a plumbing module by its
-    dotted name, plumbing.models."""
+    """The project modules a file imports anywhere in it (top level or inside functions): each imported name counts
+    by its first part (data) and its first two (plumbing.models), whichever is a module here."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name if a.name.startswith("plumbing.") else a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "plumbing":
-            names |= {f"plumbing.{a.name}" for a in node.names}
+            found = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module if node.module.startswith("plumbing.") else node.module.split(".")[0])
+            found = [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        names |= {".".join(n.split(".")[:k]) for n in found for k in (1, 2)}
     return names & set(MODULES)
 
 
